@@ -1,0 +1,232 @@
+"""Feature extraction: images in, one embedding per image out, streamed in batches.
+
+Decoding and resizing run in DataLoader worker processes and hand uint8 crops to the main
+process, which normalises and runs the backbone under ``torch.inference_mode``. Memory stays
+bounded: only a few batches of decoded images exist at any time.
+
+Example:
+    >>> import numpy as np
+    >>> from dn2 import Embedder
+    >>> images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    >>> Embedder(progress=False).transform(images).shape
+    (4, 1280)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from sklearn.base import BaseEstimator, TransformerMixin
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .backbones import DEFAULT_BACKBONE, Backbone, Preprocessing, load_backbone
+from .images import BadImageError, ImageSource, as_source
+
+PRECISIONS = ("auto", "fp32", "bf16")
+_INTERPOLATION = {
+    "bilinear": TF.InterpolationMode.BILINEAR,
+    "bicubic": TF.InterpolationMode.BICUBIC,
+    "nearest": TF.InterpolationMode.NEAREST,
+}
+
+
+@dataclass
+class Embeddings:
+    """Embeddings of the images that could be read, their names, and the files skipped as bad."""
+
+    vectors: np.ndarray
+    names: list[str]
+    skipped: list[str] = field(default_factory=list)
+
+
+def preprocess(image: Image.Image, pre: Preprocessing) -> torch.Tensor:
+    """Resize the short side, centre crop; returns a (3, crop, crop) uint8 tensor."""
+    image = TF.resize(image, pre.resize, interpolation=_INTERPOLATION[pre.interpolation])
+    image = TF.center_crop(image, [pre.crop, pre.crop])
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def normalize(batch: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float32 network input with the backbone's mean and std."""
+    mean = torch.tensor(pre.mean).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(pre.std).view(1, 3, 1, 1) * 255.0
+    return (batch.float() - mean) / std
+
+
+def cpu_supports_bf16() -> bool:
+    """True on CPUs with native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' -> the precision dn2 uses on this machine; 'fp32'/'bf16' are returned as given."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "fp32"
+    return precision
+
+
+def default_num_workers(n_images: int) -> int:
+    """Decode in worker processes only when there is enough work to pay for starting them."""
+    if n_images < 128:
+        return 0
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+class _Crops(Dataset):
+    """Decoded, resized crops of an image source; errors are returned, not raised, per item."""
+
+    def __init__(self, source: ImageSource, pre: Preprocessing):
+        self.source = source
+        self.pre = pre
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+        try:
+            image = self.source.load(i, max_side=self.pre.resize)
+            return preprocess(image, self.pre), i, ""
+        except BadImageError as e:
+            return torch.zeros(3, self.pre.crop, self.pre.crop, dtype=torch.uint8), i, str(e)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not compete with inference for cores
+
+
+def _batches(source: ImageSource, pre: Preprocessing, batch_size: int, num_workers: int) -> Iterator[Any]:
+    loader = DataLoader(
+        _Crops(source, pre),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        worker_init_fn=_worker_init if num_workers else None,
+        prefetch_factor=4 if num_workers else None,
+    )
+    yield from loader
+
+
+def extract(
+    backbone: Backbone,
+    images: Any,
+    *,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    precision: str = "auto",
+    progress: bool = True,
+    skip_bad: bool = False,
+) -> Embeddings:
+    """Embed every image of ``images`` (anything :func:`dn2.images.as_source` accepts).
+
+    A bad image raises :class:`BadImageError` naming it, or with ``skip_bad`` is warned about,
+    left out of the result and listed in ``Embeddings.skipped``.
+    """
+    source = as_source(images)
+    pre = backbone.config.preprocessing
+    precision = resolve_precision(precision)
+    n = len(source)
+    workers = default_num_workers(n) if num_workers is None else num_workers
+    vectors = np.empty((n, backbone.config.feature_dim), dtype=np.float32)
+    ok = np.ones(n, dtype=bool)
+    skipped: list[str] = []
+    bar = tqdm(total=n, unit="img", desc="embedding", disable=not progress, file=sys.stderr)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        for crops, index, errors in _batches(source, pre, batch_size, workers):
+            for i, message in zip(index.tolist(), errors):
+                if message:
+                    if not skip_bad:
+                        raise BadImageError(message)
+                    warnings.warn(f"skipping {message}", stacklevel=2)
+                    ok[i] = False
+                    skipped.append(message)
+            out = backbone(normalize(crops, pre))
+            vectors[index.numpy()] = out.float().numpy()
+            bar.update(len(index))
+    bar.close()
+    if skipped:
+        print(f"dn2: skipped {len(skipped)} bad image(s) of {n}", file=sys.stderr)
+    names = source.names()
+    return Embeddings(vectors[ok], [nm for nm, good in zip(names, ok) if good], skipped)
+
+
+class Embedder(TransformerMixin, BaseEstimator):
+    """Images -> (N, D) float32 embeddings with a pretrained backbone (a scikit-learn transformer).
+
+    There is nothing to learn: ``fit`` only loads the backbone, and ``transform`` loads it on
+    first use if ``fit`` was not called.
+
+    Example:
+        >>> from dn2 import Embedder
+        >>> emb = Embedder(backbone="efficientnet_lite0", progress=False)
+        >>> emb.transform(["a.jpg", "b.png"]).shape  # doctest: +SKIP
+        (2, 1280)
+    """
+
+    def __init__(
+        self,
+        backbone: str = DEFAULT_BACKBONE,
+        weights: str | os.PathLike | None = None,
+        batch_size: int = 64,
+        num_workers: int | None = None,
+        precision: str = "auto",
+        progress: bool = True,
+        skip_bad: bool = False,
+    ):
+        self.backbone = backbone
+        self.weights = weights
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.precision = precision
+        self.progress = progress
+        self.skip_bad = skip_bad
+
+    def fit(self, X: Any = None, y: Any = None) -> "Embedder":
+        """Load the backbone (the only state); X and y are ignored."""
+        resolve_precision(self.precision)
+        self.network_ = load_backbone(self.backbone, self.weights)
+        return self
+
+    def embed(self, X: Any) -> Embeddings:
+        """Embeddings with the names of the images, and the bad ones skipped (with skip_bad)."""
+        if not hasattr(self, "network_"):
+            self.fit()
+        return extract(
+            self.network_,
+            X,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            precision=self.precision,
+            progress=self.progress,
+            skip_bad=self.skip_bad,
+        )
+
+    def transform(self, X: Any) -> np.ndarray:
+        """(N, D) float32 embeddings; with skip_bad, rows of unreadable images are left out."""
+        return self.embed(X).vectors
+
+    def identity(self) -> dict[str, Any]:
+        """What makes embeddings comparable: backbone name, weights hash, preprocessing, dimension."""
+        if not hasattr(self, "network_"):
+            self.fit()
+        cfg = self.network_.config
+        return {
+            "name": cfg.name,
+            "weights_id": self.network_.weights_id,
+            "preprocessing": cfg.preprocessing.to_dict(),
+            "feature_dim": cfg.feature_dim,
+        }
