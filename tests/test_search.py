@@ -1,0 +1,234 @@
+"""Tests for dn2.search: exact kNN against brute force, leave-one-out, FAISS indexes, k-means."""
+
+import warnings
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import cdist
+
+from dn2.search import kmeans, knn, knn_score, make_index, recall_at_k
+
+
+def brute_force(train, queries, k, exclude_self=False):
+    """Reference kNN in float64 numpy; ties broken by lower index (stable sort)."""
+    d = cdist(queries.astype(np.float64), train.astype(np.float64))
+    if exclude_self:
+        np.fill_diagonal(d, np.inf)
+    idx = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, idx, axis=1), idx
+
+
+def clustered(n, dim=16, centres=10, seed=0):
+    """Well-separated Gaussian blobs: easy data on which approximate indexes should be near exact."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(scale=10.0, size=(centres, dim))
+    return (means[rng.integers(centres, size=n)] + rng.normal(size=(n, dim))).astype(np.float32)
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(1)
+    return rng.normal(size=(300, 24)).astype(np.float32), rng.normal(size=(50, 24)).astype(np.float32)
+
+
+@pytest.mark.parametrize("k", [1, 5, 17])
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_knn_matches_brute_force(data, k, chunk_size):
+    train, queries = data
+    dist, idx = knn(train, queries, k, chunk_size=chunk_size)
+    ref_d, ref_i = brute_force(train, queries, k)
+    assert dist.shape == idx.shape == (50, k)
+    assert dist.dtype == np.float32 and idx.dtype == np.int64
+    np.testing.assert_array_equal(idx, ref_i)
+    np.testing.assert_allclose(dist, ref_d, rtol=1e-5)
+    assert np.all(np.diff(dist, axis=1) >= 0)
+
+
+def test_knn_exact_with_large_common_offset():
+    # A large common offset makes ||q||^2 - 2 q.t + ||t||^2 lose most digits in float32 (needs centring).
+    rng = np.random.default_rng(2)
+    train = (rng.normal(size=(200, 16)) + 1000.0).astype(np.float32)
+    queries = (rng.normal(size=(20, 16)) + 1000.0).astype(np.float32)
+    dist, idx = knn(train, queries, 3)
+    ref_d, ref_i = brute_force(train, queries, 3)
+    np.testing.assert_allclose(dist, ref_d, rtol=1e-5)
+    np.testing.assert_array_equal(idx, ref_i)
+
+
+def test_knn_distances_recomputed_exactly():
+    # Two far groups (so centring cannot help): each query has neighbours at distances 1, 2, 3, a gap the
+    # float32 expansion still ranks correctly but whose squared values it gets wrong by ~0.1.
+    rng = np.random.default_rng(3)
+    queries = (300.0 + 20.0 * rng.normal(size=(10, 16))).astype(np.float32)
+    units = rng.normal(size=(10, 3, 16))
+    units /= np.linalg.norm(units, axis=2, keepdims=True)
+    near = queries[:, None, :] + np.array([1.0, 2.0, 3.0])[None, :, None] * units
+    far = np.vstack([300.0 + 20.0 * rng.normal(size=(50, 16)), -300.0 + 20.0 * rng.normal(size=(80, 16))])
+    train = np.vstack([near.reshape(30, 16), far]).astype(np.float32)
+    dist, idx = knn(train, queries, 3)
+    ref_d, ref_i = brute_force(train, queries, 3)
+    np.testing.assert_array_equal(idx, np.arange(30).reshape(10, 3))
+    np.testing.assert_array_equal(idx, ref_i)
+    np.testing.assert_allclose(dist, ref_d, rtol=1e-5)
+
+
+def test_queries_none_finds_each_row_itself(data):
+    train, _ = data
+    dist, idx = knn(train, None, 1)
+    np.testing.assert_array_equal(idx[:, 0], np.arange(len(train)))
+    np.testing.assert_array_equal(dist[:, 0], 0.0)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_leave_one_out_keeps_exact_duplicates(data, chunk_size):
+    train = data[0][:60].copy()
+    train[10] = train[20]  # an exact duplicate pair
+    train[30] = train[31] = train[32]  # a triple
+    dist, idx = knn(train, None, 4, exclude_self=True, chunk_size=chunk_size)
+    rows = np.arange(len(train))[:, None]
+    assert not np.any(idx == rows)
+    ref_d, ref_i = brute_force(train, train, 4, exclude_self=True)
+    np.testing.assert_allclose(dist, ref_d, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(idx, ref_i)
+    assert idx[10, 0] == 20 and idx[20, 0] == 10 and dist[10, 0] == 0.0
+    assert set(idx[31, :2]) == {30, 32} and np.all(dist[31, :2] == 0.0)
+
+
+def test_knn_score_is_mean_distance(data):
+    train, queries = data
+    dist, _ = knn(train, queries, 5)
+    np.testing.assert_allclose(knn_score(dist), dist.mean(axis=1), rtol=1e-6)
+    assert knn_score(dist).shape == (50,)
+
+
+def test_knn_accepts_read_only_arrays_without_warning(data):
+    train, queries = data
+    train.setflags(write=False)  # like np.load(..., mmap_mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dist, _ = knn(train, queries, 2)
+    np.testing.assert_allclose(dist, brute_force(train, queries, 2)[0], rtol=1e-5)
+
+
+def test_knn_empty_queries(data):
+    dist, idx = knn(data[0], np.empty((0, 24), np.float32), 3)
+    assert dist.shape == idx.shape == (0, 3)
+
+
+def _with(a, pos, value):
+    a = a.copy()
+    a[pos] = value
+    return a
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda t, q: knn(_with(t, (3, 1), np.nan), q, 2), "NaN or infinite"),
+        (lambda t, q: knn(t, _with(q, (0, 0), np.inf), 2), "NaN or infinite"),
+        (lambda t, q: knn(t, q[:, :10], 2), "features"),
+        (lambda t, q: knn(t[0], q, 2), "2-D"),
+        (lambda t, q: knn(t, q, 0), "k must be between 1 and 300"),
+        (lambda t, q: knn(t, q, 301), "k must be between 1 and 300"),
+        (lambda t, q: knn(t, None, 300, exclude_self=True), "between 1 and 299"),
+        (lambda t, q: knn(t, q, 2, exclude_self=True), "queries=None"),
+        (lambda t, q: knn(t, q, 2, chunk_size=0), "chunk_size"),
+        (lambda t, q: knn(_with(t, (0, 0), 1e30), q, 2), "too large"),
+    ],
+)
+def test_knn_validation(data, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(*data)
+
+
+def test_flat_index_matches_exact(data):
+    train, queries = data
+    index = make_index("flat").fit(train)
+    assert index.ntotal == 300 and index.kind == "flat"
+    dist, idx = index.search(queries, 5)
+    ref_d, ref_i = brute_force(train, queries, 5)
+    np.testing.assert_array_equal(idx, ref_i)
+    np.testing.assert_allclose(dist, ref_d, rtol=1e-4)  # faiss computes squared L2 by expansion
+
+
+@pytest.mark.parametrize("kind", ["exact", "flat"])
+def test_search_self_matches_brute_force(data, kind):
+    train = data[0]
+    dist, idx = make_index(kind).fit(train).search_self(4)
+    ref_d, ref_i = brute_force(train, train, 4, exclude_self=True)
+    np.testing.assert_array_equal(idx, ref_i)
+    np.testing.assert_allclose(dist, ref_d, rtol=1e-4, atol=1e-5)
+
+
+def test_search_self_drops_last_column_when_self_not_returned():
+    # Six identical rows: with k+1=3 hits a row may get three *other* copies; it must never list itself.
+    X = np.vstack([np.ones((6, 4)), np.zeros((3, 4))]).astype(np.float32)
+    dist, idx = make_index("flat").fit(X).search_self(2)
+    assert dist.shape == idx.shape == (9, 2)
+    assert not np.any(idx == np.arange(9)[:, None])
+    np.testing.assert_array_equal(dist, 0.0)
+
+
+@pytest.mark.parametrize(
+    "kind, params",
+    [("exact", {"chunk_size": 64}), ("flat", {}), ("ivf", {}), ("ivf", {"nlist": 8, "nprobe": 2}), ("hnsw", {}),
+     ("ivfpq", {})],
+)
+def test_indexes_recall_on_clustered_data(kind, params):
+    train, queries = clustered(2000), clustered(100, seed=5)
+    index = make_index(kind, **params).fit(train)
+    dist, idx = index.search(queries, 10)
+    ref_d, ref_i = brute_force(train, queries, 10)
+    assert recall_at_k(idx, ref_i) >= 0.9
+    assert dist.dtype == np.float32 and idx.dtype == np.int64
+    found = idx == ref_i  # where the approximate search got the true neighbour, its distance is exact
+    np.testing.assert_allclose(dist[found], ref_d[found], rtol=1e-4)
+
+
+def test_make_index_rejects_unknown_kind_and_params():
+    with pytest.raises(ValueError, match="hnsw"):
+        make_index("annoy")
+    with pytest.raises(ValueError, match="nprobe"):
+        make_index("ivf", nprob=4)
+    with pytest.raises(ValueError, match="m=5 must divide"):
+        make_index("ivfpq", m=5).fit(clustered(100))
+    with pytest.raises(RuntimeError, match="fit"):
+        make_index("hnsw").search(np.zeros((1, 4), np.float32), 1)
+
+
+def test_index_search_validation(data):
+    index = make_index("flat").fit(data[0])
+    with pytest.raises(ValueError, match="k must be between 1 and 300"):
+        index.search(data[1], 301)
+    with pytest.raises(ValueError, match="features"):
+        index.search(data[1][:, :5], 1)
+
+
+def test_recall_at_k():
+    exact = np.array([[0, 1, 2], [3, 4, 5]])
+    assert recall_at_k(exact[:, ::-1], exact) == 1.0
+    assert recall_at_k(np.array([[0, 9, 9], [3, 4, -1]]), exact) == pytest.approx(3 / 6)
+
+
+def test_kmeans_centres_reduce_inertia_and_are_deterministic():
+    X = clustered(1000, dim=8, centres=5, seed=3)
+    centres = kmeans(X, 5, seed=0)
+    assert centres.shape == (5, 8) and centres.dtype == np.float32
+
+    def inertia(c):
+        return (cdist(X, c, "sqeuclidean").min(axis=1)).sum()
+
+    random_points = X[np.random.default_rng(0).choice(len(X), 5, replace=False)]
+    assert inertia(centres) < 0.8 * inertia(random_points)
+    np.testing.assert_array_equal(centres, kmeans(X, 5, seed=0))
+
+
+def test_kmeans_edge_cases():
+    X = clustered(20, dim=4)
+    full = kmeans(X, 20)
+    np.testing.assert_array_equal(full, X)
+    assert full is not X
+    with pytest.raises(ValueError, match="n_centres"):
+        kmeans(X, 21)
+    with pytest.raises(ValueError, match="n_centres"):
+        kmeans(X, 0)
