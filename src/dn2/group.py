@@ -107,7 +107,7 @@ class GroupDN2(SetDetector):
         clean: float = 0.0,
         contamination: float | None = None,
         fpr: float = 0.05,
-        batch_size: int = 64,
+        batch_size: int = 8,
         precision: str = "auto",
         progress: bool = True,
     ):

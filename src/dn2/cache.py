@@ -1,0 +1,87 @@
+"""Embedding cache: benchmark sweeps embed each dataset once per backbone, then reuse it.
+
+An entry is keyed by what determines the embeddings: the backbone's identity (name, weights
+hash, preprocessing), the precision, and a fingerprint of the images (file path + size + mtime
+for files and zip archives, the pixel bytes for arrays and PIL images). Entries are model-format
+files (safetensors + JSON, see :mod:`dn2.modelfile`): no pickle, integrity-checked on read.
+
+Example:
+    >>> from dn2 import Embedder
+    >>> from dn2.cache import cached_embed
+    >>> emb = cached_embed(Embedder(progress=False), "images/")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .datasets import SubsetSource
+from .features import Embedder, Embeddings, resolve_precision
+from .images import ArraySource, FileSource, ImageSource, PILSource, ZipSource, as_source
+from .modelfile import ModelFileError, read_model, write_model
+
+
+def default_cache_dir() -> Path:
+    """``$DN2_CACHE`` or ``~/.cache/dn2/embeddings``."""
+    return Path(os.environ.get("DN2_CACHE") or Path.home() / ".cache" / "dn2" / "embeddings")
+
+
+def _stat(path: Path) -> list[Any]:
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def fingerprint(source: ImageSource) -> str:
+    """A digest that changes when the images (or their order) change."""
+    h = hashlib.sha256(type(source).__name__.encode())
+    if isinstance(source, SubsetSource):
+        h.update(fingerprint(source.base).encode())
+        h.update(np.ascontiguousarray(source.indices, dtype=np.int64).tobytes())
+    elif isinstance(source, FileSource):
+        h.update(json.dumps([_stat(p) for p in source.paths]).encode())
+    elif isinstance(source, ZipSource):
+        h.update(json.dumps([_stat(source.zip_path), source.members]).encode())
+    elif isinstance(source, ArraySource) and isinstance(source.array, np.ndarray):
+        h.update(str((source.array.shape, source.array.dtype.str)).encode())
+        h.update(np.ascontiguousarray(source.array).tobytes())
+    else:  # PIL images, lists of arrays, mixed inputs: hash the decoded pixels
+        for i in range(len(source)):
+            image = source.load(i)
+            h.update(str(image.size).encode())
+            h.update(image.tobytes())
+    return h.hexdigest()
+
+
+def cache_key(embedder: Embedder, source: ImageSource) -> str:
+    """The entry name: backbone identity + precision + image fingerprint."""
+    key = {
+        "backbone": embedder.identity(),
+        "precision": resolve_precision(embedder.precision),
+        "images": fingerprint(source),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def cached_embed(embedder: Embedder, images: Any, cache_dir: str | os.PathLike | None = None, *, use_cache: bool = True) -> Embeddings:
+    """``embedder.embed(images)``, read from the cache when this exact embedding was made before."""
+    source = as_source(images)
+    if not use_cache:
+        return embedder.embed(source)
+    path = Path(cache_dir or default_cache_dir()) / f"{cache_key(embedder, source)}.dn2emb"
+    if path.is_file():
+        try:
+            header, tensors = read_model(path)
+            return Embeddings(tensors["vectors"], header["names"], header["skipped"])
+        except (ModelFileError, KeyError):
+            pass  # a damaged entry is recomputed and replaced
+    emb = embedder.embed(source)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"kind": "embeddings", "backbone": embedder.identity(), "names": emb.names, "skipped": emb.skipped}
+    write_model(path, header, {"vectors": emb.vectors}, force=True)
+    return emb
