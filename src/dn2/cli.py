@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .backbones import DEFAULT_BACKBONE, BackboneWeightsError, list_backbones
+from .bench import add_bench_parser
 from .features import PRECISIONS
 from .images import BadImageError
 from .modelfile import ModelFileError
@@ -165,12 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backbones", help="list backbones and whether their weights are available offline")
     p.set_defaults(func=cmd_backbones)
 
-    try:
-        from .bench import add_bench_parser
-    except ImportError:
-        pass
-    else:
-        add_bench_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
