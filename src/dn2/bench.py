@@ -313,16 +313,47 @@ def fewshot(data: BenchData, k: int = 2, shots: Sequence[int | None] = SHOTS, se
                  plot=Plot("N", [("ROCAUC", "ROCAUC %", "std")], xlabel="training images per class", logx=True))
 
 
-def _loo_clean(dist: np.ndarray, k: int, fraction: float) -> np.ndarray:
-    """Positions kept by the paper's cleaning, from the training set's own distance block (diagonal inf).
-    Same rule as :func:`dn2.detector.clean_training_set`, without recomputing distances."""
-    n = len(dist)
+def _candidates(block: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
+    """The t smallest entries of each row of a distance block, ascending: (distances, column indices)."""
+    t = min(t, block.shape[1])
+    dist, idx = np.empty((len(block), t), np.float32), np.empty((len(block), t), np.int64)
+    for r in range(0, len(block), 1024):  # argpartition returns a full-size index array: keep it small
+        rows = block[r : r + 1024]
+        part = np.argpartition(rows, t - 1, axis=1)[:, :t] if t < block.shape[1] else np.broadcast_to(np.arange(t), (len(rows), t))
+        d = np.take_along_axis(rows, part, axis=1)
+        order = np.argsort(d, axis=1, kind="stable")
+        dist[r : r + 1024], idx[r : r + 1024] = np.take_along_axis(d, order, axis=1), np.take_along_axis(part, order, axis=1)
+    return dist, idx
+
+
+def _subset_score(block: np.ndarray, candidates: tuple[np.ndarray, np.ndarray], members: np.ndarray, k: int,
+                  rows: np.ndarray | None = None) -> np.ndarray:
+    """Mean of the k smallest distances of each row (or of ``rows``) over the columns where ``members``
+    is True. Exact: taken from the row's precomputed nearest candidates when k of them are members,
+    else from the full row. Lets many training subsets be scored from one distance block."""
+    cand_d, cand_i = candidates if rows is None else (candidates[0][rows], candidates[1][rows])
+    inside = members[cand_i]
+    taken = inside & (np.cumsum(inside, axis=1) <= k)
+    scores = np.where(taken, cand_d, 0.0).sum(axis=1, dtype=np.float64) / k
+    short = np.flatnonzero(taken.sum(axis=1) < k)
+    if len(short):
+        full_rows = short if rows is None else rows[short]
+        scores[short] = _mean_of_k_smallest(block[full_rows][:, members], k)
+    return scores
+
+
+def _loo_clean(union: np.ndarray, candidates: tuple[np.ndarray, np.ndarray], kept: np.ndarray, k: int, fraction: float) -> np.ndarray:
+    """The part of ``kept`` (indices into ``union``, a distance block with an inf diagonal) left by the
+    paper's cleaning: the same rule as :func:`dn2.detector.clean_training_set`, on precomputed distances."""
+    n = len(kept)
     kk = min(k, n - 1)
     n_keep = max(kk + 1, int(round(n * (1.0 - fraction))))
     if fraction == 0.0 or n_keep >= n:
-        return np.arange(n)
-    loo = _mean_of_k_smallest(dist, kk).astype(np.float32)
-    return np.sort(np.argsort(loo, kind="stable")[:n_keep])
+        return kept
+    members = np.zeros(len(union), dtype=bool)
+    members[kept] = True
+    loo = _subset_score(union, candidates, members, kk, rows=kept).astype(np.float32)
+    return kept[np.sort(np.argsort(loo, kind="stable")[:n_keep])]
 
 
 def impurity(data: BenchData, k: int = 2, fractions: Sequence[float] = IMPURITY_FRACTIONS, clean: float = 0.5, seeds: int = 3) -> Table:
@@ -333,6 +364,7 @@ def impurity(data: BenchData, k: int = 2, fractions: Sequence[float] = IMPURITY_
     Per class and seed one permutation and one pool of impurities are drawn, so the fractions are
     nested (the 5 % set extends the 2 % set): the curve shows the effect of impurity, not of draws.
     Memory: one (n_class + pool)^2 float32 block per class (~150 MB for CIFAR-10's 5,000)."""
+    n_candidates = max(64, 8 * k)
     auc = {(f, cl): np.full((seeds, len(data.classes)), np.nan) for f in fractions for cl in (False, True)}
     for c in range(len(data.classes)):
         normal = data.train_of(c)
@@ -340,37 +372,43 @@ def impurity(data: BenchData, k: int = 2, fractions: Sequence[float] = IMPURITY_
         n = len(normal)
         pool_size = min(len(others), int(np.ceil(max(fractions) * n)))
         normal_normal = _distances(normal, normal)
-        draws = []  # per seed: pool (indices into x_train), and per (fraction, clean) the members of the union
+        draws = []  # per seed: the pool (indices into x_train) and the training set (indices into normal + pool) per case
         for s in range(seeds):
             rng = np.random.default_rng([s, c])
             perm, pool = rng.permutation(n), rng.choice(others, pool_size, replace=False)
-            union = np.block([[normal_normal, _distances(normal, data.x_train[pool])],
-                              [np.zeros((pool_size, n), np.float32), _distances(data.x_train[pool], data.x_train[pool])]])
+            union = np.empty((n + pool_size, n + pool_size), dtype=np.float32)
+            union[:n, :n] = normal_normal
+            union[:n, n:] = _distances(normal, data.x_train[pool])
             union[n:, :n] = union[:n, n:].T
+            union[n:, n:] = _distances(data.x_train[pool], data.x_train[pool])
             np.fill_diagonal(union, np.inf)
-            members = {}
+            candidates = _candidates(union, n_candidates)
+            cases = {}
             for f in fractions:
                 m = min(int(round(f * n)), pool_size)
-                kept = np.concatenate([perm[m:], n + np.arange(m)])
-                members[(f, False)] = kept
-                members[(f, True)] = kept[_loo_clean(union[np.ix_(kept, kept)], k, clean)]
-            draws.append((pool, members))
+                train = np.concatenate([perm[m:], n + np.arange(m)])
+                cases[(f, False)] = train
+                cases[(f, True)] = _loo_clean(union, candidates, train, k, clean)
+            draws.append((pool, cases))
             del union
-        scores = {(s, key): np.empty(len(data.x_test)) for s in range(seeds) for key in auc}
+        scores = {(s, case): np.empty(len(data.x_test)) for s in range(seeds) for case in auc}
         for rows in _test_chunks(len(data.x_test), n + pool_size):
             to_normal = _distances(data.x_test[rows], normal)
-            for s, (pool, members) in enumerate(draws):
+            for s, (pool, cases) in enumerate(draws):
                 block = np.hstack([to_normal, _distances(data.x_test[rows], data.x_train[pool])])
-                for key, cols in members.items():
-                    scores[(s, key)][rows] = _mean_of_k_smallest(block[:, cols], min(k, len(cols)))
-        for (s, key), sc in scores.items():
-            auc[key][s, c] = rocauc(data.y_test != c, sc)
-    rows: list[list[Any]] = []
+                candidates = _candidates(block, n_candidates)
+                for case, train in cases.items():
+                    members = np.zeros(block.shape[1], dtype=bool)
+                    members[train] = True
+                    scores[(s, case)][rows] = _subset_score(block, candidates, members, min(k, len(train)))
+        for (s, case), sc in scores.items():
+            auc[case][s, c] = rocauc(data.y_test != c, sc)
+    rows_out: list[list[Any]] = []
     for f in fractions:
         plain, cleaned = np.nanmean(auc[(f, False)], axis=1), np.nanmean(auc[(f, True)], axis=1)
-        rows.append([100.0 * f, _mean(plain), _std(plain), _mean(cleaned), _std(cleaned)])
+        rows_out.append([100.0 * f, _mean(plain), _std(plain), _mean(cleaned), _std(cleaned)])
     return Table("impurity", _title("Impure training set", data, k),
-                 ["impurity %", "ROCAUC %", "std", f"cleaned ({clean:.0%} dropped) ROCAUC %", "cleaned std"], rows,
+                 ["impurity %", "ROCAUC %", "std", f"cleaned ({clean:.0%} dropped) ROCAUC %", "cleaned std"], rows_out,
                  notes=[FIGURE_ONLY, f"{seeds} seed(s); impurities are training images of other classes"],
                  plot=Plot("impurity %", [("no cleaning", "ROCAUC %", "std"), ("cleaning", f"cleaned ({clean:.0%} dropped) ROCAUC %", "cleaned std")]))
 
