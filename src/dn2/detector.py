@@ -31,6 +31,7 @@ from sklearn.exceptions import NotFittedError
 
 from .backbones import DEFAULT_BACKBONE
 from .features import Embedder, Embeddings
+from .normalize import EmbeddingTransform, make_transform, transform_from_state
 from .search import kmeans, knn, knn_score, make_index
 
 Neighbours = list[list[tuple[str, float]]]
@@ -77,8 +78,14 @@ class KNNDetector(OutlierMixin, BaseEstimator):
             speed-up; the model size no longer grows with the training set).
         index: search backend, ``"exact"`` or a FAISS kind (``"flat"``, ``"ivf"``, ``"ivfpq"``,
             ``"hnsw"``); ``index_params`` are passed to it.
+        normalize: embedding transform applied to training and query embeddings before the
+            search (see :mod:`dn2.normalize`): ``"none"`` (the paper), ``"l2"`` (cosine),
+            ``"sqrt_l2"`` (Hellinger), ``"centred_l2"``, ``"standardise"``, ``"whiten"``.
+            Transforms with state are fitted on all training embeddings passed to ``fit``
+            (before ``clean``), never on queries.
 
-    Fitted attributes: ``memory_`` (the embeddings searched: kept training items or centres),
+    Fitted attributes: ``memory_`` (the embeddings searched, transformed: kept training items or centres),
+    ``normalizer_`` (the fitted :class:`dn2.normalize.EmbeddingTransform`),
     ``memory_names_``, ``kept_`` (indices of kept training items), ``train_scores_`` (score of
     every training item, leave-one-out), ``threshold_``, ``offset_ = -threshold_``.
     """
@@ -93,6 +100,7 @@ class KNNDetector(OutlierMixin, BaseEstimator):
         index: str = "exact",
         index_params: dict[str, Any] | None = None,
         seed: int = 0,
+        normalize: str = "none",
     ):
         self.k = k
         self.clean = clean
@@ -102,6 +110,7 @@ class KNNDetector(OutlierMixin, BaseEstimator):
         self.index = index
         self.index_params = index_params
         self.seed = seed
+        self.normalize = normalize
 
     def _validate_params(self, n: int) -> None:
         if not isinstance(self.k, (int, np.integer)) or self.k < 1:
@@ -123,6 +132,8 @@ class KNNDetector(OutlierMixin, BaseEstimator):
         names = [str(i) for i in range(len(X))] if names is None else [str(n) for n in names]
         if len(names) != len(X):
             raise ValueError(f"{len(names)} names for {len(X)} embeddings")
+        self.normalizer_: EmbeddingTransform = make_transform(self.normalize).fit(X)
+        X = self.normalizer_.transform(X)
         kept = clean_training_set(X, self.k, self.clean)
         train = X[kept]
         if self.n_centres is not None:
@@ -150,12 +161,12 @@ class KNNDetector(OutlierMixin, BaseEstimator):
     def _training_scores(self, X: np.ndarray, kept: np.ndarray) -> np.ndarray:
         """Score of every training item: leave-one-out for items in memory, plain search otherwise."""
         if self.n_centres is not None:
-            return self.anomaly_score(X)
+            return knn_score(self.index_.search(X, self.k)[0])
         scores = np.empty(len(X), dtype=np.float32)
         scores[kept] = knn_score(self.index_.search_self(self.k)[0])
         dropped = np.setdiff1d(np.arange(len(X)), kept)
         if len(dropped):
-            scores[dropped] = self.anomaly_score(X[dropped])
+            scores[dropped] = knn_score(self.index_.search(X[dropped], self.k)[0])
         return scores
 
     def _check_fitted(self) -> None:
@@ -167,7 +178,7 @@ class KNNDetector(OutlierMixin, BaseEstimator):
         X = _check_embeddings(X)
         if X.shape[1] != self.n_features_in_:
             raise ValueError(f"embeddings have {X.shape[1]} features, the model was fitted on {self.n_features_in_}")
-        return self.index_.search(X, k)
+        return self.index_.search(self.normalizer_.transform(X), k)
 
     def anomaly_score(self, X: Any) -> np.ndarray:
         """The paper's d(y): mean Euclidean distance to the k nearest training embeddings."""
@@ -207,11 +218,15 @@ class KNNDetector(OutlierMixin, BaseEstimator):
             "threshold": self.threshold_,
             "n_features_in": self.n_features_in_,
         }
-        return header, {"memory": self.memory_, "train_scores": self.train_scores_, "kept": self.kept_}
+        tensors = {"memory": self.memory_, "train_scores": self.train_scores_, "kept": self.kept_}
+        tensors.update({f"normalize/{key}": value for key, value in self.normalizer_.state().items()})
+        return header, tensors
 
     @classmethod
     def _from_state(cls, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> "KNNDetector":
         det = cls(**header["params"])
+        state = {key.split("/", 1)[1]: value for key, value in tensors.items() if key.startswith("normalize/")}
+        det.normalizer_ = transform_from_state(det.normalize, state)
         det._set_memory(tensors["memory"], list(header["memory_names"]))
         det.n_features_in_ = int(header["n_features_in"])
         det.kept_ = tensors["kept"]
