@@ -20,6 +20,7 @@ from dn2.bench import (
     kmeans_centres,
     multimodal,
     neighbours,
+    run_protocols,
     set_task,
     unimodal,
 )
@@ -141,6 +142,16 @@ def test_set_task_detects_mixed_sets_by_covariance_trace(data: BenchData) -> Non
     assert table.row("DN2, mean pooling (k=2)")["ROCAUC %"] > 90.0
 
 
+def test_all_runs_every_protocol_and_reports_its_time(data: BenchData) -> None:
+    printed: list[str] = []
+    tables = run_protocols("all", {"some_net": data}, k=2, seeds=1, echo=printed.append)
+
+    assert [t.name for t in tables] == ["unimodal", "multimodal", "fewshot", "impurity", "neighbours", "backbones", "kmeans", "group", "sets"]
+    assert [line.split(":")[0] for line in printed] == ["unimodal", "multimodal", "fewshot", "impurity", "neighbours", "backbones", "kmeans", "group"]
+    assert tables[0].rows == unimodal(data, k=2).rows
+    assert tables[6].row("all (kNN)")["ROCAUC %"] == pytest.approx(tables[0].row("mean")["ROCAUC %"])
+
+
 def test_tables_are_written_as_csv_markdown_png_and_html(tmp_path: Path) -> None:
     table = Table("demo", "Demo sweep", ["k", "ROCAUC %"], [[1, 90.0], [2, 92.5]], notes=["a note"],
                   plot=Plot("k", [("ROCAUC", "ROCAUC %", None)]))
@@ -180,5 +191,5 @@ def test_dn2_bench_unimodal_on_a_class_folder_dataset(tmp_path: Path, capsys: py
     with open(out / "unimodal.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["normal class"] for r in rows] == ["blue", "green", "red", "mean"]
-    assert 0.0 <= float(rows[-1]["ROCAUC %"]) <= 100.0
+    assert float(rows[-1]["ROCAUC %"]) > 90.0  # plain colours are easy to tell apart
     assert any((tmp_path / "cache").iterdir())  # embeddings were cached for the next run

@@ -304,7 +304,8 @@ def fewshot(data: BenchData, k: int = 2, shots: Sequence[int | None] = SHOTS, se
         per_seed = np.nanmean(aucs[n], axis=1)
         rows.append([n, min(k, n), _mean(per_seed), _std(per_seed), seeds])
     if None in shots:
-        rows.append([f"all ({smallest}-{int(counts.max())})", k, _mean(all_aucs), 0.0, 1])
+        sizes_text = str(smallest) if smallest == counts.max() else f"{smallest}-{int(counts.max())}"
+        rows.append([f"all ({sizes_text})", k, _mean(all_aucs), 0.0, 1])
     notes = [FIGURE_ONLY, f"k = min({k}, N): with fewer than k images the score averages all N distances"]
     if len(sizes) < len([n for n in shots if n is not None]):
         notes.append(f"N >= {smallest} (the smallest class's training images) left out")
@@ -413,14 +414,14 @@ def impurity(data: BenchData, k: int = 2, fractions: Sequence[float] = IMPURITY_
                  plot=Plot("impurity %", [("no cleaning", "ROCAUC %", "std"), ("cleaning", f"cleaned ({clean:.0%} dropped) ROCAUC %", "cleaned std")]))
 
 
-def backbones(datas: dict[str, BenchData], k: int = 2) -> Table:
+def backbones(datas: dict[str, BenchData], k: int = 2, *, class_dists: dict[str, np.ndarray] | None = None) -> Table:
     """Unimodal ROCAUC per class and mean for each backbone (paper Fig. 1): ``datas`` maps a backbone
-    name to the same dataset embedded by it."""
+    name to the same dataset embedded by it; ``class_dists`` optionally its :func:`class_knn`."""
     first = next(iter(datas.values()))
     columns = ["backbone", "dim", "mean ROCAUC %"] + list(first.classes)
     rows = []
     for name, data in datas.items():
-        table = unimodal(data, k)
+        table = unimodal(data, k, class_dist=(class_dists or {}).get(name))
         rows.append([name, data.x_train.shape[1], table.row("mean")["ROCAUC %"]] + table.column("ROCAUC %")[:-1])
     notes = [FIGURE_ONLY + "; the paper's Fig. 1 compares ResNet-50/101/152"]
     if "unimodal" in paper_numbers(first):
@@ -429,7 +430,8 @@ def backbones(datas: dict[str, BenchData], k: int = 2) -> Table:
                  plot=Plot("backbone", [("mean ROCAUC", "mean ROCAUC %", None)], kind="bar"))
 
 
-def kmeans_centres(data: BenchData, k: int = 2, centres: Sequence[int] = CENTRES, seed: int = 0) -> Table:
+def kmeans_centres(data: BenchData, k: int = 2, centres: Sequence[int] = CENTRES, seed: int = 0, *,
+                   class_dist: np.ndarray | None = None) -> Table:
     """Unimodal mean ROCAUC when each normal class is compressed to C k-means centres, and with the
     full training set (paper Table 6). With C < k the score averages k = C distances."""
     counts = data.train_counts()
@@ -441,7 +443,7 @@ def kmeans_centres(data: BenchData, k: int = 2, centres: Sequence[int] = CENTRES
             memory = kmeans(data.train_of(c), n_centres, seed=seed)
             aucs.append(rocauc(data.y_test != c, knn_score(knn(memory, data.x_test, min(k, n_centres))[0])))
         rows.append([str(n_centres), min(k, n_centres), _mean(aucs)])
-    rows.append(["all (kNN)", k, unimodal(data, k).row("mean")["ROCAUC %"]])
+    rows.append(["all (kNN)", k, unimodal(data, k, class_dist=class_dist).row("mean")["ROCAUC %"]])
     notes = ["paper Table 6: numbers not reproduced here"]
     if len(used) < len(centres):
         notes.append(f"C > {int(counts.min())} (the smallest class) left out")
@@ -582,8 +584,8 @@ def _labels_of(split: Split, names: list[str]) -> np.ndarray:
 def run_protocols(protocol: str, datas: dict[str, BenchData], k: int = 2, seeds: int = 3,
                   echo: Callable[[str], None] = print) -> list[Table]:
     """Run one protocol (or ``all``) on the first dataset of ``datas`` (``backbones``: on each);
-    prints each protocol's wall time. Shares one :func:`class_knn` between unimodal, multimodal
-    and neighbours."""
+    prints each protocol's wall time. One :func:`class_knn` of the first dataset is shared by the
+    protocols that score with the full training sets."""
     names = [p for p in PROTOCOLS if p != "all"] if protocol == "all" else [protocol]
     data = next(iter(datas.values()))
     shared: dict[int, np.ndarray] = {}
@@ -608,9 +610,9 @@ def run_protocols(protocol: str, datas: dict[str, BenchData], k: int = 2, seeds:
         elif name == "impurity":
             new = [impurity(data, k, seeds=seeds)]
         elif name == "backbones":
-            new = [backbones(datas, k)]
+            new = [backbones(datas, k, class_dists={next(iter(datas)): class_dist()[:, :, :k]})]
         elif name == "kmeans":
-            new = [kmeans_centres(data, k)]
+            new = [kmeans_centres(data, k, class_dist=class_dist()[:, :, :k])]
         elif name == "group":
             new = [group(data, k, seeds=seeds), set_task(data, k, seeds=seeds)]
         else:
@@ -679,7 +681,7 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
                         "protocols other than backbones use the first")
     p.add_argument("--k", type=int, default=2, help="neighbours averaged in the score (default 2)")
     p.add_argument("--seeds", type=int, default=3, help="random draws for fewshot, impurity, group (default 3)")
-    p.add_argument("--out", default="bench-out", help="directory for <protocol>.csv/.md/.png (default bench-out/)")
+    p.add_argument("--out", default="bench-out", help="directory for <protocol>.csv/.md/.png, overwritten (default bench-out/)")
     p.add_argument("--report", default=None, metavar="DIR", help="also write a self-contained HTML report (index.html) with markdown and CSV here")
     p.add_argument("--no-cache", action="store_true", help="always embed, never read or write the embedding cache")
     p.add_argument("--cache-dir", default=None, help="embedding cache directory (default $DN2_CACHE or ~/.cache/dn2/embeddings)")
