@@ -33,7 +33,6 @@ import argparse
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -42,7 +41,6 @@ from sklearn.metrics import roc_auc_score
 
 from .backbones import DEFAULT_BACKBONE
 from .datasets import FORMATS, LabelledDataset, Split, describe, load_dataset, subset
-from .detector import clean_training_set
 from .features import PRECISIONS
 from .group import SetDetector, covariance_trace
 from .report import Plot, Table, format_table, write_html, write_table
