@@ -3,7 +3,12 @@
 Modelled on timm's ``pretrained_cfg``: every entry says how to build the network, where its
 weights come from, and how images must be prepared (mean/std, resize, crop, interpolation).
 A loaded :class:`Backbone` maps a normalised image batch to its embeddings: the globally
-average-pooled features after the last stage, as in the DN2 paper.
+average-pooled features after the last stage, as in the DN2 paper. With ``stages`` it also pools
+earlier stages (multi-scale / hypercolumn-style pooling: Hariharan et al. 2015, "Hypercolumns for
+object segmentation and fine-grained localization"; for anomaly detection with frozen features,
+Rippel et al. 2020 and Defard et al. 2021 "PaDiM" combine several stages too): each stage's pooled
+vector is L2-normalised and the vectors are concatenated, so every stage weighs the same in the
+distance whatever its width.
 
 Weight sources:
 
@@ -114,22 +119,83 @@ REGISTRY: dict[str, BackboneConfig] = {
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
+def stage_modules(body: nn.Module) -> list[tuple[str, int]]:
+    """The feature levels of a network, shallow to deep: (module name, channels).
+
+    timm models list them in ``feature_info`` (EfficientNet-Lite: blocks 0, 1, 2, 4, 6 with
+    16, 24, 40, 112, 320 channels); torchvision ResNets have ``layer1`` .. ``layer4``.
+    """
+    info = getattr(body, "feature_info", None)
+    if info:
+        return [(f["module"], int(f["num_chs"])) for f in info]
+    names = [f"layer{i}" for i in range(1, 5)]
+    if all(hasattr(body, n) for n in names):
+        return [(n, _out_channels(getattr(body, n))) for n in names]
+    raise ValueError(f"cannot find the stages of {type(body).__name__} for multi-stage pooling")
+
+
+def _out_channels(layer: nn.Module) -> int:
+    """Output channels of a torchvision ResNet layer (its last block's last BatchNorm)."""
+    norms = [m for m in layer.modules() if isinstance(m, nn.BatchNorm2d)]
+    return norms[-1].num_features
+
+
+def _check_stages(stages: tuple[int, ...], n_levels: int) -> tuple[int, ...]:
+    """Stage indices made non-negative, checked, sorted shallow to deep, without duplicates."""
+    out = set()
+    for s in stages:
+        if not isinstance(s, (int,)) or not -n_levels <= s < n_levels:
+            raise ValueError(f"stage {s!r} out of range: the network has {n_levels} stages (0..{n_levels - 1} or negative)")
+        out.add(s % n_levels)
+    return tuple(sorted(out))
+
+
 class Backbone(nn.Module):
     """A CNN cut after global average pooling: ``forward`` gives (N, D) embeddings.
 
     ``classify`` applies the ImageNet classifier kept aside from the cut, which lets tests check
     that real ImageNet weights were loaded.
+
+    ``stages`` (indices into :func:`stage_modules`, negative counting from the deepest) adds the
+    globally average-pooled output of those stages: the embedding is then the concatenation of
+    the L2-normalised pooled vector of each selected stage (shallow to deep) and of the
+    L2-normalised final embedding, divided by sqrt(number of parts) so it has unit norm.
+    Without ``stages`` the output is exactly the paper's pooled last-stage features.
     """
 
-    def __init__(self, body: nn.Module, head: nn.Module, config: BackboneConfig, weights_id: str):
+    def __init__(
+        self, body: nn.Module, head: nn.Module, config: BackboneConfig, weights_id: str, stages: tuple[int, ...] = ()
+    ):
         super().__init__()
         self.body = body
         self.head = head
         self.config = config
         self.weights_id = weights_id
+        self.stages: tuple[int, ...] = ()
+        self._captured: dict[str, torch.Tensor] = {}
+        self._stage_names: list[str] = []
+        if stages:
+            levels = stage_modules(body)
+            self.stages = _check_stages(tuple(stages), len(levels))
+            self._stage_names = [levels[i][0] for i in self.stages]
+            for name in self._stage_names:
+                body.get_submodule(name).register_forward_hook(self._capture(name))
+            dim = config.feature_dim + sum(levels[i][1] for i in self.stages)
+            self.config = replace(config, feature_dim=dim)
+
+    def _capture(self, name: str):
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            self._captured[name] = output.mean(dim=(2, 3))
+
+        return hook
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        if not self.stages:
+            return self.body(x)
+        final = self.body(x)
+        parts = [self._captured.pop(name) for name in self._stage_names] + [final]
+        parts = [nn.functional.normalize(p.float(), dim=1) for p in parts]
+        return torch.cat(parts, dim=1) / len(parts) ** 0.5
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
@@ -285,8 +351,13 @@ def _torchvision_weights_file(config: BackboneConfig, url: str | None = None) ->
     return cached
 
 
-def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | os.PathLike | None = None) -> Backbone:
-    """Build a backbone in eval mode with its weights: the registry's, a local file, or random."""
+def load_backbone(
+    name: str = DEFAULT_BACKBONE, weights: str | os.PathLike | None = None, stages: tuple[int, ...] = ()
+) -> Backbone:
+    """Build a backbone in eval mode with its weights: the registry's, a local file, or random.
+
+    ``stages`` adds the pooled features of earlier stages to the embedding (see :class:`Backbone`).
+    """
     config = resolve_config(name)
     torch.manual_seed(0)  # only matters for weights="random": the same network every time
     if weights is None and config.source == "timm":
@@ -312,7 +383,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | os.PathLike | Non
     body, head, dim = _split(model)
     if config.feature_dim != dim:
         config = replace(config, feature_dim=dim)
-    return Backbone(body, head, config, weights_id).eval()
+    return Backbone(body, head, config, weights_id, stages=tuple(stages)).eval()
 
 
 def _timm_pretrained(config: BackboneConfig) -> nn.Module:
@@ -355,6 +426,7 @@ __all__: list[str] = [
     "list_backbones",
     "read_state_dict",
     "resolve_config",
+    "stage_modules",
     "torchvision_cache_path",
 ]
 

@@ -154,8 +154,15 @@ def extract(
     precision: str = "auto",
     progress: bool = True,
     skip_bad: bool = False,
+    flip: bool = False,
 ) -> Embeddings:
     """Embed every image of ``images`` (anything :func:`dn2.images.as_source` accepts).
+
+    ``flip`` is horizontal-flip test-time augmentation: the embedding is the mean of the
+    embeddings of the image and of its mirror image (twice the compute). Averaging the features
+    of flipped copies is the classic cheap TTA for CNN descriptors (Simonyan & Zisserman 2015,
+    "Very deep convolutional networks", sec. 3.2; Chatfield et al. 2014, "Return of the devil in
+    the details") and is applied identically to training and test images.
 
     A bad image raises :class:`BadImageError` naming it, or with ``skip_bad`` is warned about,
     left out of the result and listed in ``Embeddings.skipped``.
@@ -180,7 +187,10 @@ def extract(
                     warnings.warn(f"skipping {message}", stacklevel=2)
                     ok[i] = False
                     skipped.append(message)
-            out = backbone(normalize(crops, pre).contiguous(memory_format=torch.channels_last))
+            batch = normalize(crops, pre).contiguous(memory_format=torch.channels_last)
+            out = backbone(batch)
+            if flip:
+                out = (out + backbone(torch.flip(batch, dims=[3]))) / 2
             vectors[index.numpy()] = out.float().numpy()
             bar.update(len(index))
     bar.close()
@@ -212,6 +222,8 @@ class Embedder(TransformerMixin, BaseEstimator):
         precision: str = "auto",
         progress: bool = True,
         skip_bad: bool = False,
+        stages: tuple[int, ...] = (),
+        flip: bool = False,
     ):
         self.backbone = backbone
         self.weights = weights
@@ -220,11 +232,13 @@ class Embedder(TransformerMixin, BaseEstimator):
         self.precision = precision
         self.progress = progress
         self.skip_bad = skip_bad
+        self.stages = stages
+        self.flip = flip
 
     def fit(self, X: Any = None, y: Any = None) -> "Embedder":
         """Load the backbone (the only state); X and y are ignored."""
         resolve_precision(self.precision)
-        self.network_ = load_backbone(self.backbone, self.weights)
+        self.network_ = load_backbone(self.backbone, self.weights, stages=tuple(self.stages or ()))
         return self
 
     def embed(self, X: Any) -> Embeddings:
@@ -239,6 +253,7 @@ class Embedder(TransformerMixin, BaseEstimator):
             precision=self.precision,
             progress=self.progress,
             skip_bad=self.skip_bad,
+            flip=bool(self.flip),
         )
 
     def transform(self, X: Any) -> np.ndarray:
@@ -246,13 +261,22 @@ class Embedder(TransformerMixin, BaseEstimator):
         return self.embed(X).vectors
 
     def identity(self) -> dict[str, Any]:
-        """What makes embeddings comparable: backbone name, weights hash, preprocessing, dimension."""
+        """What makes embeddings comparable: backbone name, weights hash, preprocessing, dimension.
+
+        Extraction options (``stages``, ``flip``) are included only when used, so the identity of
+        the paper's plain embedding (and every cache entry and model file made with it) is unchanged.
+        """
         if not hasattr(self, "network_"):
             self.fit()
         cfg = self.network_.config
-        return {
+        ident: dict[str, Any] = {
             "name": cfg.name,
             "weights_id": self.network_.weights_id,
             "preprocessing": cfg.preprocessing.to_dict(),
             "feature_dim": cfg.feature_dim,
         }
+        if self.network_.stages:
+            ident["stages"] = list(self.network_.stages)
+        if self.flip:
+            ident["flip"] = True
+        return ident
