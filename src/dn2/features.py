@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 
 from .backbones import DEFAULT_BACKBONE, Backbone, Preprocessing, load_backbone
 from .images import BadImageError, ImageSource, as_source
+from .runtime import PRECISIONS, RUNTIMES, cpu_supports_bf16  # noqa: F401 - re-exported (cli, bench)
+from .runtime import default_batch_size, mixed_bf16, onnx_backbone, resolve_precision, resolve_runtime
 
-PRECISIONS = ("auto", "fp32", "bf16")
 _INTERPOLATION = {
     "bilinear": TF.InterpolationMode.BILINEAR,
     "bicubic": TF.InterpolationMode.BICUBIC,
@@ -60,25 +61,6 @@ def normalize(batch: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
     mean = torch.tensor(pre.mean).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(pre.std).view(1, 3, 1, 1) * 255.0
     return (batch.float() - mean) / std
-
-
-def cpu_supports_bf16() -> bool:
-    """True on CPUs with native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str) -> str:
-    """'auto' -> the precision dn2 uses on this machine; 'fp32'/'bf16' are returned as given."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        return "fp32"
-    return precision
 
 
 _MALLOC_TUNED = False
@@ -149,12 +131,13 @@ def extract(
     backbone: Backbone,
     images: Any,
     *,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     num_workers: int | None = None,
     precision: str = "auto",
     progress: bool = True,
     skip_bad: bool = False,
     flip: bool = False,
+    runtime: str = "auto",
 ) -> Embeddings:
     """Embed every image of ``images`` (anything :func:`dn2.images.as_source` accepts).
 
@@ -166,10 +149,16 @@ def extract(
 
     A bad image raises :class:`BadImageError` naming it, or with ``skip_bad`` is warned about,
     left out of the result and listed in ``Embeddings.skipped``.
+
+    ``runtime`` is "torch", "onnx" (ONNX Runtime, fp32 only) or "auto" (see :mod:`dn2.runtime`);
+    a failed ONNX export falls back to torch with a warning. ``precision="bf16"`` keeps the stem and
+    the final layers in fp32 (:func:`dn2.runtime.mixed_bf16`). ``batch_size=None`` uses the
+    runtime's measured best (8 for torch eager, 32 for ONNX Runtime).
     """
     source = as_source(images)
     pre = backbone.config.preprocessing
     precision = resolve_precision(precision)
+    runtime = resolve_runtime(runtime, precision)
     n = len(source)
     workers = default_num_workers(n) if num_workers is None else num_workers
     vectors = np.empty((n, backbone.config.feature_dim), dtype=np.float32)
@@ -177,8 +166,13 @@ def extract(
     skipped: list[str] = []
     tune_malloc()
     backbone = backbone.to(memory_format=torch.channels_last)
+    model = onnx_backbone(backbone) if runtime == "onnx" else None
+    if model is None:
+        runtime, model = "torch", backbone
+    batch_size = batch_size or default_batch_size(runtime)
+    memory_format = torch.channels_last if runtime == "torch" else torch.contiguous_format  # ORT: NCHW
     bar = tqdm(total=n, unit="img", desc="embedding", disable=not progress, file=sys.stderr)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with torch.inference_mode(), mixed_bf16(backbone, enabled=precision == "bf16"):
         for crops, index, errors in _batches(source, pre, batch_size, workers):
             for i, message in zip(index.tolist(), errors):
                 if message:
@@ -187,10 +181,10 @@ def extract(
                     warnings.warn(f"skipping {message}", stacklevel=2)
                     ok[i] = False
                     skipped.append(message)
-            batch = normalize(crops, pre).contiguous(memory_format=torch.channels_last)
-            out = backbone(batch)
+            batch = normalize(crops, pre).contiguous(memory_format=memory_format)
+            out = model(batch)
             if flip:
-                out = (out + backbone(torch.flip(batch, dims=[3]))) / 2
+                out = (out + model(torch.flip(batch, dims=[3]))) / 2
             vectors[index.numpy()] = out.float().numpy()
             bar.update(len(index))
     bar.close()
@@ -217,13 +211,14 @@ class Embedder(TransformerMixin, BaseEstimator):
         self,
         backbone: str = DEFAULT_BACKBONE,
         weights: str | os.PathLike | None = None,
-        batch_size: int = 8,
+        batch_size: int | None = None,
         num_workers: int | None = None,
         precision: str = "auto",
         progress: bool = True,
         skip_bad: bool = False,
         stages: tuple[int, ...] = (),
         flip: bool = False,
+        runtime: str = "auto",
     ):
         self.backbone = backbone
         self.weights = weights
@@ -234,10 +229,11 @@ class Embedder(TransformerMixin, BaseEstimator):
         self.skip_bad = skip_bad
         self.stages = stages
         self.flip = flip
+        self.runtime = runtime
 
     def fit(self, X: Any = None, y: Any = None) -> "Embedder":
         """Load the backbone (the only state); X and y are ignored."""
-        resolve_precision(self.precision)
+        resolve_runtime(self.runtime, self.precision)
         self.network_ = load_backbone(self.backbone, self.weights, stages=tuple(self.stages or ()))
         return self
 
@@ -254,6 +250,7 @@ class Embedder(TransformerMixin, BaseEstimator):
             progress=self.progress,
             skip_bad=self.skip_bad,
             flip=bool(self.flip),
+            runtime=self.runtime,
         )
 
     def transform(self, X: Any) -> np.ndarray:
