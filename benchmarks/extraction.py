@@ -1,0 +1,199 @@
+"""Feature-extraction speed, end to end from JPEG files on disk: img/s of three pipelines side by side.
+
+(a) plain: torchvision ``ImageFolder`` + ``DataLoader(num_workers=2, batch_size=64)`` + the model
+    with its classifier replaced by Identity, Resize(256)/CenterCrop(224)/ToTensor/Normalize, fp32
+    eager, no dn2 (so no malloc tuning);
+(b) dn2 torch fp32 (``dn2.features.extract(runtime="torch", precision="fp32")``);
+(c) dn2 fast path (``runtime="auto"``: ONNX Runtime when installed, see dn2.runtime).
+
+Each pipeline runs in its own subprocess on the same images (the first ``n`` files in ImageFolder
+order, where ``n`` is what (a) processed within ``--seconds``), with random weights. Model loading,
+ONNX export and one warm-up batch are excluded; decoding, resizing and inference are timed.
+
+Usage (full run, about 15 minutes on 2 cores):
+    python benchmarks/extraction.py
+    python benchmarks/extraction.py --images 200 --backbones efficientnet_lite0   # quick check
+    python benchmarks/extraction.py --source synthetic                             # 256x256 JPEGs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+CIFAR_ZIP = HERE.parents[1] / "shared" / "datasets" / "cifar10-jpeg.zip"
+GFLOP_PER_IMAGE = {"efficientnet_lite0": 0.40, "resnet101": 7.8}  # multiply-adds x 2 at 224 px
+
+
+# ------------------------------------------------------------------------------------------ images
+
+
+def write_cifar(root: Path, n: int, zip_path: Path = CIFAR_ZIP) -> None:
+    """The first n training JPEGs of the CIFAR-10 zip (round robin over classes) in ImageFolder layout."""
+    with zipfile.ZipFile(zip_path) as zf:
+        by_class: dict[str, list[str]] = {}
+        for name in sorted(zf.namelist()):
+            parts = name.split("/")
+            if len(parts) == 3 and parts[0] == "train" and parts[2].lower().endswith((".jpg", ".jpeg")):
+                by_class.setdefault(parts[1], []).append(name)
+        classes = sorted(by_class)
+        for i in range(n):
+            cls = classes[i % len(classes)]
+            member = by_class[cls][i // len(classes)]
+            out = root / cls / Path(member).name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(zf.read(member))
+
+
+def write_synthetic(root: Path, n: int, size: int = 256, classes: int = 10) -> None:
+    """n smooth random 256x256 RGB JPEGs (quality 90): photo-like file sizes and decode cost."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for i in range(n):
+        f = rng.uniform(1, 8, (3, 2))
+        phase = rng.uniform(0, 6.3, (3, 1, 1))
+        rgb = 127 + 100 * np.sin(2 * np.pi * (f[:, :1, None] * xx + f[:, 1:, None] * yy) + phase)
+        rgb = rgb.transpose(1, 2, 0) + rng.normal(0, 12, (size, size, 3))
+        out = root / f"class{i % classes}" / f"{i:06d}.jpg"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(out, quality=90)
+
+
+def imagefolder_files(root: Path) -> list[str]:
+    """Files in torchvision ImageFolder order: sorted class folders, sorted files within each."""
+    return [str(p) for d in sorted(p for p in root.iterdir() if p.is_dir()) for p in sorted(d.iterdir())]
+
+
+# ------------------------------------------------------------------------------------------ workers
+
+
+def run_plain(backbone: str, root: str, limit: int, seconds: float) -> dict:
+    """(a) torchvision ImageFolder + DataLoader + fp32 eager model; stops after `seconds` (whole batches)."""
+    import torch
+    import torchvision
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import transforms as T
+
+    if backbone == "efficientnet_lite0":
+        import timm
+
+        model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    else:
+        model = torchvision.models.get_model(backbone, weights=None)
+        model.fc = torch.nn.Identity()
+    model.eval()
+    tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
+                    T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    data = torchvision.datasets.ImageFolder(root, transform=tf)
+    data = Subset(data, range(min(limit, len(data))))
+    with torch.inference_mode():
+        model(torch.zeros(64, 3, 224, 224))  # warm-up
+        start, n = time.perf_counter(), 0
+        for x, _ in DataLoader(data, batch_size=64, num_workers=2):
+            model(x).numpy()
+            n += len(x)
+            if time.perf_counter() - start > seconds:
+                break
+        elapsed = time.perf_counter() - start
+    return {"n": n, "seconds": elapsed}
+
+
+def run_dn2(backbone: str, root: str, limit: int, runtime: str, batch_size: int | None) -> dict:
+    """(b)/(c) dn2.features.extract on the first `limit` files, fp32, with the given runtime."""
+    from dn2.backbones import load_backbone
+    from dn2.features import extract
+    from dn2.runtime import resolve_runtime
+
+    files = imagefolder_files(Path(root))[:limit]
+    net = load_backbone(backbone, weights="random")
+    # Warm-up: ONNX export/session (cached afterwards) and first-call kernel setup.
+    extract(net, files[:8], runtime=runtime, precision="fp32", progress=False, num_workers=0, batch_size=batch_size)
+    start = time.perf_counter()
+    emb = extract(net, files, runtime=runtime, precision="fp32", progress=False, batch_size=batch_size)
+    elapsed = time.perf_counter() - start
+    return {"n": len(emb.vectors), "seconds": elapsed, "resolved": resolve_runtime(runtime, "fp32")}
+
+
+def in_subprocess(job: dict) -> dict:
+    """Run one pipeline in a fresh interpreter (separate malloc settings, thread pools, caches)."""
+    out = subprocess.run([sys.executable, __file__, "--_job", json.dumps(job)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{job} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=2000, help="JPEG files to write (default 2000)")
+    p.add_argument("--source", choices=["cifar", "synthetic"], default="cifar",
+                   help="CIFAR-10 JPEGs (32x32) from ../shared/datasets/cifar10-jpeg.zip, or 256x256 synthetic JPEGs")
+    p.add_argument("--backbones", default="efficientnet_lite0,resnet101", help="comma-separated")
+    p.add_argument("--seconds", type=float, default=300.0,
+                   help="time cap of the plain pipeline per backbone; the others get the same images (default 300)")
+    p.add_argument("--onnx-batch", type=int, default=None, help="batch size of the fast path (default: dn2's)")
+    p.add_argument("--_job", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args._job:
+        job = json.loads(args._job)
+        kind = job.pop("kind")
+        result = run_plain(**job) if kind == "plain" else run_dn2(**job)
+        print(json.dumps(result))
+        return 0
+
+    sys.path.insert(0, str(HERE))
+    from machine import header, matmul_gflops
+
+    print(header("dn2 feature extraction, end to end from JPEG files"))
+    gflops = matmul_gflops()
+    print(f"- fp32 matmul: {gflops:.0f} GFLOP/s measured (the compute roof for fp32 inference)")
+    print(f"- images: {args.images} {args.source} JPEGs; plain pipeline capped at {args.seconds:.0f} s per backbone\n")
+
+    tmp = Path(tempfile.mkdtemp(prefix="dn2-extraction-"))
+    try:
+        (write_cifar if args.source == "cifar" else write_synthetic)(tmp / "images", args.images)
+        root = str(tmp / "images")
+        rows = []
+        for backbone in args.backbones.split(","):
+            plain = in_subprocess({"kind": "plain", "backbone": backbone, "root": root,
+                                   "limit": args.images, "seconds": args.seconds})
+            n = plain["n"]
+            torch_run = in_subprocess({"kind": "dn2", "backbone": backbone, "root": root, "limit": n,
+                                       "runtime": "torch", "batch_size": None})
+            fast = in_subprocess({"kind": "dn2", "backbone": backbone, "root": root, "limit": n,
+                                  "runtime": "auto", "batch_size": args.onnx_batch})
+            base = n / plain["seconds"]
+            roof = gflops / GFLOP_PER_IMAGE.get(backbone, float("nan"))
+            for name, r in [("plain torchvision fp32 eager (a)", plain), ("dn2 torch fp32 (b)", torch_run),
+                            (f"dn2 fast path, runtime=auto -> {fast['resolved']} (c)", fast)]:
+                rate = r["n"] / r["seconds"]
+                rows.append(f"| {backbone} | {name} | {r['n']} | {r['seconds']:.1f} | {rate:.1f} | "
+                            f"{rate / base:.2f}x | {roof:.0f} |")
+            print(f"{backbone}: done", file=sys.stderr)
+        print("| backbone | pipeline | images | seconds | img/s | vs (a) | fp32 roof img/s |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+        print("\n".join(rows))
+        print("\nfp32 roof = measured matmul GFLOP/s / GFLOP per image (EfficientNet-Lite0 0.40, ResNet-101 7.8): "
+              "no fp32 pipeline can exceed it on this CPU.")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
