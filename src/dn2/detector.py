@@ -36,6 +36,18 @@ from .search import kmeans, knn, knn_score, make_index
 
 Neighbours = list[list[tuple[str, float]]]
 
+#: Method settings of the presets of :class:`DN2`; an explicitly given parameter overrides them.
+#: ``paper``: the DN2 paper's method bit for bit (raw pooled last-stage features, Euclidean
+#: distance, k=2, resize 256 / crop 224), on the default offline backbone.
+#: ``best``: the most accurate training-free combination measured on CIFAR-10 within 4x the
+#: extraction time of ``paper`` (see BENCHMARKS.md): EfficientNet-Lite2 features with the
+#: signed-square-root + L2 (Hellinger) normalisation, averaged over a horizontal flip, k=2.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"backbone": DEFAULT_BACKBONE, "k": 2, "normalize": "none", "stages": (), "flip": False},
+    "best": {"backbone": "efficientnet_lite2", "k": 2, "normalize": "sqrt_l2", "stages": (), "flip": True},
+}
+PRESET_PARAMS = ("backbone", "k", "normalize", "stages", "flip")
+
 
 def _check_embeddings(X: Any, what: str = "X") -> np.ndarray:
     X = np.asarray(X, dtype=np.float32)
@@ -249,6 +261,12 @@ class DN2(OutlierMixin, BaseEstimator):
     Takes anything :func:`dn2.images.as_source` accepts (a folder, paths, a zip, PIL images,
     numpy arrays). The fitted parts are exposed as ``.embedder`` and ``.detector``.
 
+    ``preset`` chooses the method settings (``backbone``, ``k``, ``normalize``, ``stages``,
+    ``flip``; see :data:`PRESETS`): ``"best"`` (default) or ``"paper"`` (the paper's method
+    exactly). Each of those parameters left at ``None`` takes the preset's value; one given
+    explicitly overrides it. A saved model stores the resolved values, so it reloads with the
+    same method even if a later dn2 changes a preset.
+
     Example:
         >>> from dn2 import DN2
         >>> model = DN2(k=2).fit("normal_images/")  # doctest: +SKIP
@@ -259,9 +277,9 @@ class DN2(OutlierMixin, BaseEstimator):
 
     def __init__(
         self,
-        backbone: str = DEFAULT_BACKBONE,
+        backbone: str | None = None,
         weights: str | os.PathLike | None = None,
-        k: int = 2,
+        k: int | None = None,
         clean: float = 0.0,
         contamination: float | None = None,
         fpr: float = 0.05,
@@ -274,6 +292,10 @@ class DN2(OutlierMixin, BaseEstimator):
         progress: bool = True,
         skip_bad: bool = False,
         seed: int = 0,
+        preset: str = "best",
+        normalize: str | None = None,
+        stages: tuple[int, ...] | None = None,
+        flip: bool | None = None,
     ):
         self.backbone = backbone
         self.weights = weights
@@ -290,21 +312,40 @@ class DN2(OutlierMixin, BaseEstimator):
         self.progress = progress
         self.skip_bad = skip_bad
         self.seed = seed
+        self.preset = preset
+        self.normalize = normalize
+        self.stages = stages
+        self.flip = flip
+
+    def method_params(self) -> dict[str, Any]:
+        """The preset's method settings with the explicitly given parameters applied on top."""
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        out = dict(PRESETS[self.preset])
+        for name in PRESET_PARAMS:
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        out["stages"] = tuple(out["stages"])
+        return out
 
     def _make_embedder(self) -> Embedder:
+        method = self.method_params()
         return Embedder(
-            backbone=self.backbone,
+            backbone=method["backbone"],
             weights=self.weights,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             precision=self.precision,
             progress=self.progress,
             skip_bad=self.skip_bad,
+            stages=method["stages"],
+            flip=method["flip"],
         )
 
     def _make_detector(self) -> KNNDetector:
+        method = self.method_params()
         return KNNDetector(
-            k=self.k,
+            k=method["k"],
             clean=self.clean,
             contamination=self.contamination,
             fpr=self.fpr,
@@ -312,6 +353,7 @@ class DN2(OutlierMixin, BaseEstimator):
             index=self.index,
             index_params=self.index_params,
             seed=self.seed,
+            normalize=method["normalize"],
         )
 
     def fit(self, X: Any, y: Any = None) -> "DN2":
@@ -386,6 +428,8 @@ class DN2(OutlierMixin, BaseEstimator):
 
         header, tensors = self.detector._state()
         params = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in self.get_params().items()}
+        method = self.method_params()
+        params.update(method, stages=list(method["stages"]))  # resolved: reloads identically
         meta = {"kind": "DN2", "params": params, "backbone": self.embedder.identity(), "detector": header}
         return write_model(path, meta, tensors, force=force)
 
@@ -421,6 +465,9 @@ def load(path: str | os.PathLike, *, weights: str | os.PathLike | None = None) -
         if kind != "DN2":
             raise ModelFileError(path, f"unknown model kind {kind!r}")
         params = _params_for(DN2, dict(header["params"]), path)
+        params.setdefault("preset", "paper")  # files written before presets existed
+        if params.get("stages") is not None:
+            params["stages"] = tuple(params["stages"])
         header["detector"]["params"] = _params_for(KNNDetector, header["detector"]["params"], path)
     except (KeyError, TypeError) as e:
         raise ModelFileError(path, f"model header is incomplete ({e})") from e

@@ -1,0 +1,95 @@
+"""DN2 presets, explicit overrides, multi-stage embeddings and flip TTA, save/load of a preset model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import dn2
+from dn2 import DN2, Embedder
+from dn2.backbones import load_backbone, stage_modules
+from dn2.detector import PRESETS
+
+
+def test_paper_preset_is_the_papers_method():
+    method = DN2(preset="paper").method_params()
+    assert method == {"backbone": "efficientnet_lite0", "k": 2, "normalize": "none", "stages": (), "flip": False}
+    emb, det = DN2(preset="paper")._make_embedder(), DN2(preset="paper")._make_detector()
+    assert (emb.backbone, emb.stages, emb.flip) == ("efficientnet_lite0", (), False)
+    assert (det.k, det.normalize) == (2, "none")
+    pre = load_backbone("efficientnet_lite0", weights="random").config.preprocessing
+    assert (pre.resize, pre.crop) == (256, 224)
+
+
+def test_best_preset_is_the_default_and_sets_its_documented_parameters():
+    assert DN2().preset == "best"
+    method = DN2().method_params()
+    assert method == {**PRESETS["best"], "stages": tuple(PRESETS["best"]["stages"])}
+    det = DN2()._make_detector()
+    assert (det.k, det.normalize) == (PRESETS["best"]["k"], PRESETS["best"]["normalize"])
+    emb = DN2()._make_embedder()
+    assert (emb.backbone, emb.flip) == (PRESETS["best"]["backbone"], PRESETS["best"]["flip"])
+
+
+def test_explicit_parameters_override_the_preset():
+    model = DN2(preset="best", backbone="efficientnet_lite0", k=5, normalize="l2", flip=False, stages=(-1,))
+    assert model.method_params() == {
+        "backbone": "efficientnet_lite0", "k": 5, "normalize": "l2", "stages": (-1,), "flip": False,
+    }
+    assert DN2(preset="paper", normalize="sqrt_l2").method_params()["normalize"] == "sqrt_l2"
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(ValueError, match="preset must be one of"):
+        DN2(preset="fastest").method_params()
+
+
+def test_paper_preset_scores_are_plain_dn2_bit_for_bit(image_folders):
+    test = sorted(image_folders["test"].rglob("*.*"))
+    model = DN2(preset="paper", weights="random", progress=False).fit(image_folders["normal"])
+    emb = Embedder(weights="random", progress=False)
+    train = emb.transform(image_folders["normal"])
+    ref = dn2.KNNDetector(k=2).fit(train)
+    np.testing.assert_array_equal(model.anomaly_score(test), ref.anomaly_score(emb.transform(test)))
+
+
+def test_preset_model_round_trips_through_save_load(image_folders, tmp_path):
+    test = sorted(image_folders["test"].rglob("*.*"))
+    model = DN2(backbone="efficientnet_lite0", weights="random", stages=(-1,), progress=False).fit(image_folders["normal"])
+    loaded = dn2.load(model.save(tmp_path / "m.dn2"))
+    assert loaded.method_params() == model.method_params()
+    assert loaded.detector.normalize == PRESETS["best"]["normalize"]
+    np.testing.assert_array_equal(loaded.anomaly_score(test), model.anomaly_score(test))
+
+
+def test_multi_stage_embedding_has_the_documented_dimension_and_parts():
+    net = load_backbone("efficientnet_lite0", weights="random", stages=(-2, -1))
+    plain = load_backbone("efficientnet_lite0", weights="random")
+    levels = stage_modules(net.body)
+    assert [c for _, c in levels] == [16, 24, 40, 112, 320]
+    assert net.config.feature_dim == 112 + 320 + 1280
+    x = torch.randn(2, 3, 96, 96)
+    with torch.inference_mode():
+        e, p = net(x), plain(x)
+    assert e.shape == (2, 1712)
+    np.testing.assert_allclose(e.norm(dim=1).numpy(), 1.0, rtol=1e-5)
+    final = torch.nn.functional.normalize(p, dim=1) / 3**0.5
+    np.testing.assert_allclose(e[:, -1280:].numpy(), final.numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="out of range"):
+        load_backbone("efficientnet_lite0", weights="random", stages=(5,))
+
+
+def test_flip_embedding_is_the_mean_of_image_and_mirror():
+    images = np.random.default_rng(0).integers(0, 255, (3, 40, 40, 3), dtype=np.uint8)
+    flipped = Embedder(weights="random", flip=True, progress=False).transform(images)
+    plain = Embedder(weights="random", progress=False)
+    expected = (plain.transform(images) + plain.transform(images[:, :, ::-1].copy())) / 2
+    np.testing.assert_allclose(flipped, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_identity_names_extraction_options_and_is_unchanged_without_them():
+    plain = Embedder(weights="random", progress=False).identity()
+    assert set(plain) == {"name", "weights_id", "preprocessing", "feature_dim"}
+    rich = Embedder(weights="random", stages=(-1,), flip=True, progress=False).identity()
+    assert rich["stages"] == [4] and rich["flip"] is True and rich["feature_dim"] == 1600
