@@ -53,3 +53,21 @@ def test_damaged_entry_is_recomputed(embedder, tmp_path):
     entry, = tmp_path.glob("*.dn2emb")
     entry.write_bytes(entry.read_bytes()[:100])
     np.testing.assert_allclose(cached_embed(embedder, images, tmp_path).vectors, first.vectors, rtol=1e-5)
+
+
+def test_zip_archive_is_known_by_its_bytes_not_its_copy(image_folders, tmp_path):
+    import shutil
+    import zipfile
+
+    archive = tmp_path / "a.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for p in sorted(image_folders["normal"].glob("*.png")):
+            z.write(p, p.name)
+    copy = tmp_path / "copy" / "a.zip"
+    copy.parent.mkdir()
+    shutil.copy(archive, copy)  # a new path and a new mtime: same images, same entry
+    os.utime(copy, ns=(0, 10**9))
+    assert fingerprint(as_source(copy)) == fingerprint(as_source(archive))
+    with zipfile.ZipFile(copy, "a") as z:
+        z.writestr("extra.png", (image_folders["normal"] / "n00.png").read_bytes())
+    assert fingerprint(as_source(copy)) != fingerprint(as_source(archive))

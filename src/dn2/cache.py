@@ -1,8 +1,9 @@
 """Embedding cache: benchmark sweeps embed each dataset once per backbone, then reuse it.
 
 An entry is keyed by what determines the embeddings: the backbone's identity (name, weights
-hash, preprocessing), the precision, and a fingerprint of the images (file path + size + mtime
-for files and zip archives, the pixel bytes for arrays and PIL images). Entries are model-format
+hash, preprocessing), the precision, and a fingerprint of the images (path + size + mtime for
+image files, the archive's bytes and member list for a zip, so a re-copied dataset archive still
+hits; the pixel bytes for arrays and PIL images). Entries are model-format
 files (safetensors + JSON, see :mod:`dn2.modelfile`): no pickle, integrity-checked on read.
 
 Example:
@@ -37,6 +38,15 @@ def _stat(path: Path) -> list[Any]:
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
+def _content_digest(path: Path, chunk: int = 2**20) -> str:
+    """sha256 of a file's bytes (about 1 s per GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def fingerprint(source: ImageSource) -> str:
     """A digest that changes when the images (or their order) change."""
     h = hashlib.sha256(type(source).__name__.encode())
@@ -45,8 +55,8 @@ def fingerprint(source: ImageSource) -> str:
         h.update(np.ascontiguousarray(source.indices, dtype=np.int64).tobytes())
     elif isinstance(source, FileSource):
         h.update(json.dumps([_stat(p) for p in source.paths]).encode())
-    elif isinstance(source, ZipSource):
-        h.update(json.dumps([_stat(source.zip_path), source.members]).encode())
+    elif isinstance(source, ZipSource):  # one file: hash its bytes, so a re-copied archive still hits
+        h.update(json.dumps([_content_digest(source.zip_path), source.members]).encode())
     elif isinstance(source, ArraySource) and isinstance(source.array, np.ndarray):
         h.update(str((source.array.shape, source.array.dtype.str)).encode())
         h.update(np.ascontiguousarray(source.array).tobytes())
