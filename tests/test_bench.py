@@ -193,3 +193,14 @@ def test_dn2_bench_unimodal_on_a_class_folder_dataset(tmp_path: Path, capsys: py
     assert [r["normal class"] for r in rows] == ["blue", "green", "red", "mean"]
     assert float(rows[-1]["ROCAUC %"]) > 90.0  # plain colours are easy to tell apart
     assert any((tmp_path / "cache").iterdir())  # embeddings were cached for the next run
+
+
+def test_normalize_l2_gives_what_a_detector_with_normalize_l2_gives(data: BenchData) -> None:
+    from dn2.bench import normalized
+
+    table = unimodal(normalized(data, "l2"), k=2)
+    detector = KNNDetector(k=2, normalize="l2").fit(data.train_of(1))
+    expected = 100 * roc_auc_score(data.y_test != 1, detector.anomaly_score(data.x_test))
+    assert table.row("class1")["ROCAUC %"] == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="ablation"):
+        normalized(data, "whiten")

@@ -104,3 +104,12 @@ def test_demo_on_a_reduced_digits_set(capsys):
     out = capsys.readouterr().out
     mean = float(out.split("mean |")[1].split()[0])
     assert 60.0 < mean <= 100.0  # far above chance even on 6 training images per digit
+
+
+def test_fit_takes_a_preset_and_overrides(image_folders, tmp_path, capsys):
+    path = tmp_path / "paper.dn2"
+    assert main(["fit", str(image_folders["normal"]), "-o", str(path), "--quiet", "--preset", "paper",
+                 "--normalize", "l2", "--k", "3"]) == 0
+    model = dn2.load(path)
+    assert model.method_params() == {"backbone": "efficientnet_lite0", "k": 3, "normalize": "l2", "stages": (), "flip": False}
+    assert model.detector.normalize == "l2"

@@ -45,6 +45,7 @@ from .features import PRECISIONS
 from .group import SetDetector, covariance_trace
 from .report import Plot, Table, format_table, write_html, write_table
 from .search import kmeans, knn, knn_score
+from .normalize import make_transform
 
 __all__ = [
     "BenchData",
@@ -63,6 +64,7 @@ __all__ = [
     "set_task",
     "limit_dataset",
     "embed_dataset",
+    "normalized",
     "run_protocols",
     "add_bench_parser",
 ]
@@ -571,6 +573,23 @@ def embed_dataset(ds: LabelledDataset, backbone: str = DEFAULT_BACKBONE, *, cach
     return BenchData(ds.name, ds.classes, vectors["train"], labels["train"], vectors["test"], labels["test"], backbone=backbone)
 
 
+STATELESS_NORMALIZATIONS = ("none", "l2", "sqrt_l2")
+
+
+def normalized(data: BenchData, normalize: str) -> BenchData:
+    """The same embeddings through a row-wise transform of :mod:`dn2.normalize` (``l2``, ``sqrt_l2``).
+
+    Only row-wise transforms: they need no fitting, so every protocol (whose normal sets change
+    from row to row) sees exactly what ``KNNDetector(normalize=...)`` would.
+    """
+    if normalize not in STATELESS_NORMALIZATIONS:
+        raise ValueError(f"dn2 bench --normalize takes one of {STATELESS_NORMALIZATIONS} (row-wise); "
+                         f"fitted transforms such as {normalize!r} are compared in benchmarks/ablation.py")
+    t = make_transform(normalize)
+    return BenchData(data.name, data.classes, t.transform(data.x_train), data.y_train, t.transform(data.x_test), data.y_test,
+                     backbone=f"{data.backbone}, {normalize}" if data.backbone else normalize)
+
+
 def _labels_of(split: Split, names: list[str]) -> np.ndarray:
     """Labels of the embedded images (all of them, or those left after skipping bad ones)."""
     if len(names) == len(split):
@@ -629,8 +648,8 @@ def _backbone_list(args: argparse.Namespace) -> list[str]:
 def _command_line(args: argparse.Namespace) -> str:
     """The options that shape the results, as a command to paste (for the report)."""
     parts = ["dn2 bench", args.protocol, "--data", str(args.data)]
-    for option in ("backbone", "k", "seeds", "max_train_per_class", "max_test", "format", "precision"):
-        value, default = getattr(args, option), {"k": 2, "seeds": 3, "format": "auto", "precision": "auto"}.get(option)
+    for option in ("backbone", "normalize", "k", "seeds", "max_train_per_class", "max_test", "format", "precision"):
+        value, default = getattr(args, option), {"k": 2, "seeds": 3, "format": "auto", "precision": "auto", "normalize": "none"}.get(option)
         if value is not None and value != default:
             parts += [f"--{option.replace('_', '-')}", str(value)]
     return " ".join(parts)
@@ -649,6 +668,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     options = dict(batch_size=args.batch_size, num_workers=args.workers, precision=args.precision,
                    progress=not args.quiet, skip_bad=args.skip_bad)
     datas = {b: embed_dataset(ds, b, cache_dir=args.cache_dir, use_cache=not args.no_cache, **options) for b in names}
+    if args.normalize != "none":
+        datas = {b: normalized(d, args.normalize) for b, d in datas.items()}
     tables = run_protocols(args.protocol, datas, k=args.k, seeds=args.seeds)
     for table in tables:
         print()
@@ -678,6 +699,8 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
                    help=f"backbone(s), comma-separated (default {DEFAULT_BACKBONE}; for backbones/all: {','.join(LITE_BACKBONES)}); "
                         "protocols other than backbones use the first")
     p.add_argument("--k", type=int, default=2, help="neighbours averaged in the score (default 2)")
+    p.add_argument("--normalize", choices=STATELESS_NORMALIZATIONS, default="none",
+                   help="row-wise embedding transform before the kNN (default none: the paper's method)")
     p.add_argument("--seeds", type=int, default=3, help="random draws for fewshot, impurity, group (default 3)")
     p.add_argument("--out", default="bench-out", help="directory for <protocol>.csv/.md/.png, overwritten (default bench-out/)")
     p.add_argument("--report", default=None, metavar="DIR", help="also write a self-contained HTML report (index.html) with markdown and CSV here")
@@ -686,7 +709,7 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-train-per-class", type=int, default=None, metavar="N", help="use at most N random training images per class")
     p.add_argument("--max-test", type=int, default=None, metavar="N", help="use at most N random test images")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="inference precision (default: auto)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the runtime's fastest)")
     p.add_argument("--workers", type=int, default=None, help="image decoding processes (default: auto)")
     p.add_argument("--skip-bad", action="store_true", help="warn about unreadable images and go on")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

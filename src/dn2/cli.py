@@ -17,9 +17,11 @@ from typing import Sequence
 
 from .backbones import DEFAULT_BACKBONE, BackboneWeightsError, list_backbones
 from .bench import add_bench_parser
+from .detector import PRESETS
 from .features import PRECISIONS
 from .images import BadImageError
 from .modelfile import ModelFileError
+from .normalize import NORMALIZATIONS
 
 EXPECTED_ERRORS = (BadImageError, ModelFileError, BackboneWeightsError, FileNotFoundError, FileExistsError, ValueError)
 
@@ -27,7 +29,7 @@ EXPECTED_ERRORS = (BadImageError, ModelFileError, BackboneWeightsError, FileNotF
 def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="local backbone weights file (safetensors or state dict)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="inference precision (default: auto)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8: fastest on CPU caches)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the runtime's fastest, 8 torch / 32 onnx)")
     p.add_argument("--workers", type=int, default=None, help="image decoding processes (default: auto)")
     p.add_argument("--skip-bad", action="store_true", help="warn about unreadable images and go on")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -44,8 +46,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.exists() and not args.force:  # fail before the (long) embedding, not after
         raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    stages = tuple(int(v) for v in args.stages.split(",") if v.strip()) if args.stages is not None else None
     model = DN2(
+        preset=args.preset,
         backbone=args.backbone,
+        normalize=args.normalize,
+        flip=args.flip,
+        stages=stages,
         weights=args.weights,
         k=args.k,
         clean=args.clean,
@@ -135,8 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="fit a model on a folder (or files, or a zip) of normal images")
     p.add_argument("images", nargs="+", help="folder(s), zip archive(s) or image files of normal images")
     p.add_argument("-o", "--output", required=True, help="model file to write")
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"backbone name (default {DEFAULT_BACKBONE}; see dn2 backbones)")
-    p.add_argument("--k", type=int, default=2, help="neighbours averaged in the score (default 2)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="best",
+                   help="method settings: best (default; see BENCHMARKS.md) or paper (the DN2 paper exactly)")
+    p.add_argument("--backbone", default=None, help="backbone name, overrides the preset's (see dn2 backbones)")
+    p.add_argument("--k", type=int, default=None, help="neighbours averaged in the score (both presets: 2)")
+    p.add_argument("--normalize", choices=NORMALIZATIONS, default=None, help="embedding transform, overrides the preset's")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="average each embedding with its mirror image's (overrides the preset)")
+    p.add_argument("--stages", default=None, metavar="I,J",
+                   help="also pool these earlier stages, e.g. -2 ('' for none; overrides the preset)")
     p.add_argument("--clean", type=float, default=0.0, help="fraction of training images to drop as suspected anomalies (paper: 0.5)")
     p.add_argument("--contamination", type=float, default=None, help="expected fraction of anomalies in the training images")
     p.add_argument("--fpr", type=float, default=0.05, help="target false-positive rate on normal images (default 0.05)")

@@ -286,7 +286,7 @@ class DN2(OutlierMixin, BaseEstimator):
         n_centres: int | None = None,
         index: str = "exact",
         index_params: dict[str, Any] | None = None,
-        batch_size: int = 8,
+        batch_size: int | None = None,
         num_workers: int | None = None,
         precision: str = "auto",
         progress: bool = True,
