@@ -30,6 +30,7 @@ from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.exceptions import NotFittedError
 
 from .backbones import DEFAULT_BACKBONE
+from .base import ThresholdedScores
 from .features import Embedder, Embeddings
 from .normalize import EmbeddingTransform, make_transform, transform_from_state
 from .search import kmeans, knn, knn_score, make_index
@@ -75,7 +76,7 @@ def clean_training_set(X: np.ndarray, k: int, fraction: float) -> np.ndarray:
     return np.sort(np.argsort(scores, kind="stable")[:n_keep])
 
 
-class KNNDetector(OutlierMixin, BaseEstimator):
+class KNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
     """DN2 scoring on embeddings: mean distance to the k nearest normal training embeddings.
 
     Parameters:
@@ -196,18 +197,6 @@ class KNNDetector(OutlierMixin, BaseEstimator):
         """The paper's d(y): mean Euclidean distance to the k nearest training embeddings."""
         return knn_score(self._search(X, self.k)[0])
 
-    def score_samples(self, X: Any) -> np.ndarray:
-        """Opposite of the anomaly score (scikit-learn convention: higher is more normal)."""
-        return -self.anomaly_score(X)
-
-    def decision_function(self, X: Any) -> np.ndarray:
-        """``score_samples - offset_``: negative for anomalies, positive for normal items."""
-        return self.score_samples(X) - self.offset_
-
-    def predict(self, X: Any) -> np.ndarray:
-        """+1 for normal items, -1 for anomalies (score above ``threshold_``)."""
-        return np.where(self.decision_function(X) >= 0, 1, -1)
-
     def fit_predict(self, X: Any, y: Any = None, names: Sequence[str] | None = None) -> np.ndarray:
         """Fit, then label the training items themselves by their leave-one-out scores."""
         self.fit(X, names=names)
@@ -255,7 +244,7 @@ class KNNDetector(OutlierMixin, BaseEstimator):
         return write_model(path, {"kind": "KNNDetector", "detector": header}, tensors, force=force)
 
 
-class DN2(OutlierMixin, BaseEstimator):
+class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
     """Deep Nearest Neighbour anomaly detection on images: a pretrained embedder + :class:`KNNDetector`.
 
     Takes anything :func:`dn2.images.as_source` accepts (a folder, paths, a zip, PIL images,
@@ -403,15 +392,6 @@ class DN2(OutlierMixin, BaseEstimator):
     def anomaly_score(self, X: Any) -> np.ndarray:
         """The paper's d(y) per image: mean distance to the k nearest normal training images."""
         return self.detector.anomaly_score(self.embedder.transform(X))
-
-    def score_samples(self, X: Any) -> np.ndarray:
-        return -self.anomaly_score(X)
-
-    def decision_function(self, X: Any) -> np.ndarray:
-        return self.score_samples(X) - self.offset_
-
-    def predict(self, X: Any) -> np.ndarray:
-        return np.where(self.decision_function(X) >= 0, 1, -1)
 
     def fit_predict(self, X: Any, y: Any = None) -> np.ndarray:
         """Fit, then label the training images by their leave-one-out scores."""

@@ -24,6 +24,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, OutlierMixin
 
 from .backbones import DEFAULT_BACKBONE
+from .base import ThresholdedScores
 from .detector import KNNDetector
 from .features import Embedder
 
@@ -61,7 +62,7 @@ def covariance_trace(members: np.ndarray) -> float:
     return float(members.var(axis=0, ddof=1).sum())
 
 
-class SetDetector(OutlierMixin, BaseEstimator):
+class SetDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
     """DN2 on sets of embeddings: pool each set, then :class:`~dn2.KNNDetector` on the pooled vectors."""
 
     def __init__(self, pooling: str = "mean", k: int = 2, clean: float = 0.0, contamination: float | None = None, fpr: float = 0.05):
@@ -74,20 +75,13 @@ class SetDetector(OutlierMixin, BaseEstimator):
     def fit(self, sets: Sequence[np.ndarray], y: Any = None) -> "SetDetector":
         self.detector_ = KNNDetector(k=self.k, clean=self.clean, contamination=self.contamination, fpr=self.fpr)
         self.detector_.fit(pool_sets(sets, self.pooling))
+        self.threshold_, self.offset_ = self.detector_.threshold_, self.detector_.offset_
         return self
 
     def anomaly_score(self, sets: Sequence[np.ndarray]) -> np.ndarray:
         """Mean distance of each pooled set to its k nearest pooled normal sets."""
         return self.detector_.anomaly_score(pool_sets(sets, self.pooling))
 
-    def score_samples(self, sets: Sequence[np.ndarray]) -> np.ndarray:
-        return -self.anomaly_score(sets)
-
-    def decision_function(self, sets: Sequence[np.ndarray]) -> np.ndarray:
-        return self.score_samples(sets) + self.detector_.threshold_
-
-    def predict(self, sets: Sequence[np.ndarray]) -> np.ndarray:
-        return np.where(self.decision_function(sets) >= 0, 1, -1)
 
 
 class GroupDN2(SetDetector):
@@ -107,7 +101,7 @@ class GroupDN2(SetDetector):
         clean: float = 0.0,
         contamination: float | None = None,
         fpr: float = 0.05,
-        batch_size: int = 8,
+        batch_size: int | None = None,
         precision: str = "auto",
         progress: bool = True,
     ):
