@@ -106,6 +106,7 @@ class BenchData:
     x_test: np.ndarray
     y_test: np.ndarray
     backbone: str = ""
+    blocks: tuple[int, ...] | None = None  # column counts per backbone of an ensemble embedding
 
     def __post_init__(self) -> None:
         self.x_train = np.ascontiguousarray(self.x_train, dtype=np.float32)
@@ -570,7 +571,9 @@ def embed_dataset(ds: LabelledDataset, backbone: str = DEFAULT_BACKBONE, *, cach
         emb = cached_embed(embedder, split.source, cache_dir, use_cache=use_cache)
         vectors[split_name], labels[split_name] = emb.vectors, _labels_of(split, emb.names)
         echo(f"embedded {split_name}: {len(emb.vectors):,} images with {backbone} in {time.perf_counter() - start:.1f} s")
-    return BenchData(ds.name, ds.classes, vectors["train"], labels["train"], vectors["test"], labels["test"], backbone=backbone)
+    blocks = embedder.part_dims()
+    return BenchData(ds.name, ds.classes, vectors["train"], labels["train"], vectors["test"], labels["test"], backbone=backbone,
+                     blocks=tuple(blocks) if len(blocks) > 1 else None)
 
 
 STATELESS_NORMALIZATIONS = ("none", "l2", "sqrt_l2")
@@ -585,7 +588,7 @@ def normalized(data: BenchData, normalize: str) -> BenchData:
     if normalize not in STATELESS_NORMALIZATIONS:
         raise ValueError(f"dn2 bench --normalize takes one of {STATELESS_NORMALIZATIONS} (row-wise); "
                          f"fitted transforms such as {normalize!r} are compared in benchmarks/ablation.py")
-    t = make_transform(normalize)
+    t = make_transform(normalize, data.blocks)  # an ensemble: each backbone's part on its own
     return BenchData(data.name, data.classes, t.transform(data.x_train), data.y_train, t.transform(data.x_test), data.y_test,
                      backbone=f"{data.backbone}, {normalize}" if data.backbone else normalize)
 

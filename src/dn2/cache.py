@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.base import clone
 
 from .datasets import SubsetSource
 from .features import Embedder, Embeddings, resolve_precision
@@ -83,6 +84,10 @@ def cached_embed(embedder: Embedder, images: Any, cache_dir: str | os.PathLike |
     source = as_source(images)
     if not use_cache:
         return embedder.embed(source)
+    if len(embedder.part_dims()) > 1:  # an ensemble: one entry per backbone, shared with single-backbone runs
+        names = str(embedder.backbone).split("+")
+        parts = [cached_embed(clone(embedder).set_params(backbone=n.strip()), source, cache_dir) for n in names]
+        return Embeddings(np.hstack([p.vectors for p in parts]), parts[0].names, parts[0].skipped)
     path = Path(cache_dir or default_cache_dir()) / f"{cache_key(embedder, source)}.dn2emb"
     if path.is_file():
         try:

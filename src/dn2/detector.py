@@ -96,6 +96,9 @@ class KNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
             ``"sqrt_l2"`` (Hellinger), ``"centred_l2"``, ``"standardise"``, ``"whiten"``.
             Transforms with state are fitted on all training embeddings passed to ``fit``
             (before ``clean``), never on queries.
+        blocks: column counts of the parts of an ensemble embedding (one per backbone); the
+            transform is then applied to each part on its own (:class:`dn2.normalize.Blockwise`).
+            :class:`DN2` sets it from its embedder.
 
     Fitted attributes: ``memory_`` (the embeddings searched, transformed: kept training items or centres),
     ``normalizer_`` (the fitted :class:`dn2.normalize.EmbeddingTransform`),
@@ -114,6 +117,7 @@ class KNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
         index_params: dict[str, Any] | None = None,
         seed: int = 0,
         normalize: str = "none",
+        blocks: tuple[int, ...] | None = None,
     ):
         self.k = k
         self.clean = clean
@@ -124,6 +128,7 @@ class KNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
         self.index_params = index_params
         self.seed = seed
         self.normalize = normalize
+        self.blocks = blocks
 
     def _validate_params(self, n: int) -> None:
         if not isinstance(self.k, (int, np.integer)) or self.k < 1:
@@ -145,7 +150,7 @@ class KNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
         names = [str(i) for i in range(len(X))] if names is None else [str(n) for n in names]
         if len(names) != len(X):
             raise ValueError(f"{len(names)} names for {len(X)} embeddings")
-        self.normalizer_: EmbeddingTransform = make_transform(self.normalize).fit(X)
+        self.normalizer_: EmbeddingTransform = make_transform(self.normalize, self.blocks).fit(X)
         X = self.normalizer_.transform(X)
         kept = clean_training_set(X, self.k, self.clean)
         train = X[kept]
@@ -226,8 +231,10 @@ class KNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
     @classmethod
     def _from_state(cls, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> "KNNDetector":
         det = cls(**header["params"])
+        if det.blocks is not None:
+            det.blocks = tuple(int(b) for b in det.blocks)
         state = {key.split("/", 1)[1]: value for key, value in tensors.items() if key.startswith("normalize/")}
-        det.normalizer_ = transform_from_state(det.normalize, state)
+        det.normalizer_ = transform_from_state(det.normalize, state, det.blocks)
         det._set_memory(tensors["memory"], list(header["memory_names"]))
         det.n_features_in_ = int(header["n_features_in"])
         det.kept_ = tensors["kept"]
@@ -351,7 +358,9 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         train = self.embedder_.embed(X)
         if len(train.vectors) == 0:
             raise ValueError("no training image could be read")
-        self.detector_ = self._make_detector().fit(train.vectors, names=train.names)
+        blocks = self.embedder_.part_dims()
+        self.detector_ = self._make_detector().set_params(blocks=tuple(blocks) if len(blocks) > 1 else None)
+        self.detector_.fit(train.vectors, names=train.names)
         self.skipped_ = train.skipped
         return self
 

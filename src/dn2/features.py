@@ -232,26 +232,52 @@ class Embedder(TransformerMixin, BaseEstimator):
         self.runtime = runtime
 
     def fit(self, X: Any = None, y: Any = None) -> "Embedder":
-        """Load the backbone (the only state); X and y are ignored."""
+        """Load the backbone(s) (the only state); X and y are ignored.
+
+        ``backbone="a+b"`` is an ensemble: each image's embedding is the concatenation of the
+        backbones' embeddings (in that order; see :meth:`part_dims`).
+        """
         resolve_runtime(self.runtime, self.precision)
-        self.network_ = load_backbone(self.backbone, self.weights, stages=tuple(self.stages or ()))
+        names = [n.strip() for n in str(self.backbone).split("+")]
+        if len(names) > 1 and self.weights not in (None, "random"):
+            raise ValueError(f"weights=FILE names one backbone's weights; {self.backbone!r} is an ensemble of {len(names)}")
+        if not all(names):
+            raise ValueError(f"backbone {self.backbone!r}: an ensemble is written 'name1+name2'")
+        stages = tuple(self.stages or ())
+        self.networks_ = [load_backbone(name, self.weights, stages=stages) for name in names]
+        self.network_ = self.networks_[0]
         return self
+
+    def _networks(self) -> list[Backbone]:
+        if not hasattr(self, "network_"):
+            self.fit()
+        return getattr(self, "networks_", [self.network_])
+
+    def part_dims(self) -> list[int]:
+        """Embedding width of each backbone (one entry unless this is an ensemble)."""
+        return [net.config.feature_dim for net in self._networks()]
 
     def embed(self, X: Any) -> Embeddings:
         """Embeddings with the names of the images, and the bad ones skipped (with skip_bad)."""
-        if not hasattr(self, "network_"):
-            self.fit()
-        return extract(
-            self.network_,
-            X,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            precision=self.precision,
-            progress=self.progress,
-            skip_bad=self.skip_bad,
-            flip=bool(self.flip),
-            runtime=self.runtime,
-        )
+        source = as_source(X)
+        parts = [
+            extract(
+                network,
+                source,
+                batch_size=self.batch_size,
+                num_workers=self.num_workers,
+                precision=self.precision,
+                progress=self.progress,
+                skip_bad=self.skip_bad,
+                flip=bool(self.flip),
+                runtime=self.runtime,
+            )
+            for network in self._networks()
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        vectors = np.hstack([p.vectors for p in parts]).astype(np.float32, copy=False)
+        return Embeddings(vectors, parts[0].names, parts[0].skipped)
 
     def transform(self, X: Any) -> np.ndarray:
         """(N, D) float32 embeddings; with skip_bad, rows of unreadable images are left out."""
@@ -263,17 +289,23 @@ class Embedder(TransformerMixin, BaseEstimator):
         Extraction options (``stages``, ``flip``) are included only when used, so the identity of
         the paper's plain embedding (and every cache entry and model file made with it) is unchanged.
         """
-        if not hasattr(self, "network_"):
-            self.fit()
-        cfg = self.network_.config
+        networks = self._networks()
+        if len(networks) > 1:
+            parts = [self._identity_of(net) for net in networks]
+            return {"name": "+".join(p["name"] for p in parts), "parts": parts,
+                    "feature_dim": sum(p["feature_dim"] for p in parts)}
+        return self._identity_of(networks[0])
+
+    def _identity_of(self, network: Backbone) -> dict[str, Any]:
+        cfg = network.config
         ident: dict[str, Any] = {
             "name": cfg.name,
-            "weights_id": self.network_.weights_id,
+            "weights_id": network.weights_id,
             "preprocessing": cfg.preprocessing.to_dict(),
             "feature_dim": cfg.feature_dim,
         }
-        if self.network_.stages:
-            ident["stages"] = list(self.network_.stages)
+        if network.stages:
+            ident["stages"] = list(network.stages)
         if self.flip:
             ident["flip"] = True
         return ident

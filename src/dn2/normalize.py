@@ -48,7 +48,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -204,17 +204,60 @@ _TRANSFORMS: dict[str, type[EmbeddingTransform]] = {
 }
 
 
-def make_transform(name: str | None) -> EmbeddingTransform:
-    """The (unfitted) transform called ``name``; ``None`` means ``"none"``."""
+class Blockwise(EmbeddingTransform):
+    """One transform per block of columns (one block per backbone of an ensemble), concatenated.
+
+    Each backbone's part is normalised on its own, then the parts are scaled by 1/sqrt(number of
+    parts), so that with unit-norm transforms every backbone weighs the same in the distance and
+    rows keep unit norm: ``||a - b||^2`` is the mean of the per-backbone squared distances.
+    """
+
+    def __init__(self, name: str, blocks: tuple[int, ...]):
+        self.name = name
+        self.blocks = tuple(int(b) for b in blocks)
+        self.parts = [_TRANSFORMS[name]() for _ in self.blocks]
+
+    def _split(self, X: np.ndarray) -> list[np.ndarray]:
+        X = np.asarray(X, dtype=np.float32)
+        if X.shape[1] != sum(self.blocks):
+            raise ValueError(f"embeddings have {X.shape[1]} features, blocks {self.blocks} need {sum(self.blocks)}")
+        return np.split(X, np.cumsum(self.blocks)[:-1], axis=1)
+
+    def fit(self, X: np.ndarray) -> "Blockwise":
+        for part, block in zip(self.parts, self._split(X)):
+            part.fit(block)
+        return self
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        out = np.hstack([part.transform(block) for part, block in zip(self.parts, self._split(X))])
+        return (out / np.sqrt(len(self.parts))).astype(np.float32)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {f"{i}/{key}": value for i, part in enumerate(self.parts) for key, value in part.state().items()}
+
+    def set_state(self, state: dict[str, np.ndarray]) -> "Blockwise":
+        for i, part in enumerate(self.parts):
+            part.set_state({key.split("/", 1)[1]: value for key, value in state.items() if key.split("/", 1)[0] == str(i)})
+        return self
+
+
+def make_transform(name: str | None, blocks: Sequence[int] | None = None) -> EmbeddingTransform:
+    """The (unfitted) transform called ``name``; ``None`` means ``"none"``.
+
+    ``blocks`` (column counts, one per backbone of an ensemble) applies it to each block on its
+    own (:class:`Blockwise`); ``None`` or a single block is the plain transform.
+    """
     name = "none" if name is None else name
     if name not in _TRANSFORMS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {name!r}")
+    if blocks is not None and len(blocks) > 1:
+        return Blockwise(name, tuple(blocks))
     return _TRANSFORMS[name]()
 
 
-def transform_from_state(name: str | None, state: dict[str, Any]) -> EmbeddingTransform:
-    """Rebuild a fitted transform from its name and the arrays of ``state()``."""
-    return make_transform(name).set_state(state)
+def transform_from_state(name: str | None, state: dict[str, Any], blocks: Sequence[int] | None = None) -> EmbeddingTransform:
+    """Rebuild a fitted transform from its name, its blocks and the arrays of ``state()``."""
+    return make_transform(name, blocks).set_state(state)
 
 
 __all__ = [
@@ -226,6 +269,7 @@ __all__ = [
     "CentredL2",
     "Standardise",
     "Whiten",
+    "Blockwise",
     "l2_rows",
     "make_transform",
     "transform_from_state",
