@@ -40,12 +40,13 @@ Neighbours = list[list[tuple[str, float]]]
 #: Method settings of the presets of :class:`DN2`; an explicitly given parameter overrides them.
 #: ``paper``: the DN2 paper's method bit for bit (raw pooled last-stage features, Euclidean
 #: distance, k=2, resize 256 / crop 224), on the default offline backbone.
-#: ``best``: the most accurate training-free combination measured on CIFAR-10 within 4x the
-#: extraction time of ``paper`` (see BENCHMARKS.md): EfficientNet-Lite2 features with the
-#: signed-square-root + L2 (Hellinger) normalisation, averaged over a horizontal flip, k=2.
+#: ``best``: the most accurate training-free combination measured on CIFAR-10 (BENCHMARKS.md,
+#: "Beyond the paper"): the EfficientNet-Lite0 + Lite2 ensemble, each backbone's features
+#: Hellinger-normalised (signed square root + L2) on their own, k=2. Flip TTA and multi-stage
+#: pooling were measured and did not help, so they are off.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"backbone": DEFAULT_BACKBONE, "k": 2, "normalize": "none", "stages": (), "flip": False},
-    "best": {"backbone": "efficientnet_lite2", "k": 2, "normalize": "sqrt_l2", "stages": (), "flip": True},
+    "best": {"backbone": "efficientnet_lite0+efficientnet_lite2", "k": 2, "normalize": "sqrt_l2", "stages": (), "flip": False},
 }
 PRESET_PARAMS = ("backbone", "k", "normalize", "stages", "flip")
 
