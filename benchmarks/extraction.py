@@ -86,10 +86,10 @@ def run_plain(backbone: str, root: str, limit: int, seconds: float) -> dict:
     from torch.utils.data import DataLoader, Subset
     from torchvision import transforms as T
 
-    if backbone == "efficientnet_lite0":
+    if backbone.startswith("efficientnet_lite"):
         import timm
 
-        model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+        model = timm.create_model(f"tf_{backbone}", pretrained=False, num_classes=0)
     else:
         model = torchvision.models.get_model(backbone, weights=None)
         model.fc = torch.nn.Identity()
