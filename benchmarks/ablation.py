@@ -96,9 +96,9 @@ def main() -> None:
     for r in range(2, len(backbones) + 1):
         for combo in itertools.combinations(backbones, r):
             for norm in ("l2", "sqrt_l2"):
-                t = make_transform(norm)
-                xtr = np.hstack([t.transform(embs[b][0]) for b in combo]) / np.sqrt(len(combo))
-                xte = np.hstack([t.transform(embs[b][1]) for b in combo]) / np.sqrt(len(combo))
+                t = make_transform(norm, blocks=[embs[b][0].shape[1] for b in combo])  # Blockwise, as DN2 does
+                xtr = t.transform(np.hstack([embs[b][0] for b in combo]))
+                xte = t.transform(np.hstack([embs[b][1] for b in combo]))
                 emit(row(f"{' + '.join(combo)}, {norm} each, concat", unimodal_aucs(xtr, ytr, xte, yte)))
     for option in [o for o in args.extract.split(",") if o]:
         for b in backbones:

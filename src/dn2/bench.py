@@ -41,7 +41,7 @@ from sklearn.metrics import roc_auc_score
 
 from .backbones import DEFAULT_BACKBONE
 from .datasets import FORMATS, LabelledDataset, Split, describe, load_dataset, subset
-from .features import PRECISIONS
+from .features import PRECISIONS, backbone_names
 from .group import SetDetector, covariance_trace
 from .report import Plot, Table, format_table, write_html, write_table
 from .search import kmeans, knn, knn_score
@@ -571,9 +571,9 @@ def embed_dataset(ds: LabelledDataset, backbone: str = DEFAULT_BACKBONE, *, cach
         emb = cached_embed(embedder, split.source, cache_dir, use_cache=use_cache)
         vectors[split_name], labels[split_name] = emb.vectors, _labels_of(split, emb.names)
         echo(f"embedded {split_name}: {len(emb.vectors):,} images with {backbone} in {time.perf_counter() - start:.1f} s")
-    blocks = embedder.part_dims()
+    blocks = tuple(embedder.part_dims()) if len(backbone_names(backbone)) > 1 else None  # an ensemble's parts
     return BenchData(ds.name, ds.classes, vectors["train"], labels["train"], vectors["test"], labels["test"], backbone=backbone,
-                     blocks=tuple(blocks) if len(blocks) > 1 else None)
+                     blocks=blocks)
 
 
 STATELESS_NORMALIZATIONS = ("none", "l2", "sqrt_l2")

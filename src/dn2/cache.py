@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ import numpy as np
 from sklearn.base import clone
 
 from .datasets import SubsetSource
-from .features import Embedder, Embeddings, resolve_precision
+from .features import Embedder, Embeddings, backbone_names, resolve_precision
 from .images import ArraySource, FileSource, ImageSource, PILSource, ZipSource, as_source
 from .modelfile import ModelFileError, read_model, write_model
 
@@ -39,8 +40,15 @@ def _stat(path: Path) -> list[Any]:
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
-def _content_digest(path: Path, chunk: int = 2**20) -> str:
-    """sha256 of a file's bytes (about 1 s per GB)."""
+def _content_digest(path: Path) -> str:
+    """sha256 of a file's bytes, computed once per (path, size, mtime) in a process."""
+    st = path.stat()
+    return _digest_of(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest_of(path: str, size: int, mtime_ns: int, chunk: int = 2**20) -> str:
+    """sha256 of the file's bytes (about 1 s per GB); size and mtime only key the memo."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -84,9 +92,9 @@ def cached_embed(embedder: Embedder, images: Any, cache_dir: str | os.PathLike |
     source = as_source(images)
     if not use_cache:
         return embedder.embed(source)
-    if len(embedder.part_dims()) > 1:  # an ensemble: one entry per backbone, shared with single-backbone runs
-        names = str(embedder.backbone).split("+")
-        parts = [cached_embed(clone(embedder).set_params(backbone=n.strip()), source, cache_dir) for n in names]
+    names = backbone_names(embedder.backbone)
+    if len(names) > 1:  # an ensemble: one entry per backbone, shared with single-backbone runs
+        parts = [cached_embed(clone(embedder).set_params(backbone=name), source, cache_dir) for name in names]
         return Embeddings(np.hstack([p.vectors for p in parts]), parts[0].names, parts[0].skipped)
     path = Path(cache_dir or default_cache_dir()) / f"{cache_key(embedder, source)}.dn2emb"
     if path.is_file():

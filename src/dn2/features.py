@@ -194,6 +194,11 @@ def extract(
     return Embeddings(vectors[ok], [nm for nm, good in zip(names, ok) if good], skipped)
 
 
+def backbone_names(backbone: str) -> list[str]:
+    """The backbones of ``"a+b"`` (an ensemble), or ``[backbone]``; nothing is loaded."""
+    return [n.strip() for n in str(backbone).split("+")]
+
+
 class Embedder(TransformerMixin, BaseEstimator):
     """Images -> (N, D) float32 embeddings with a pretrained backbone (a scikit-learn transformer).
 
@@ -238,7 +243,7 @@ class Embedder(TransformerMixin, BaseEstimator):
         backbones' embeddings (in that order; see :meth:`part_dims`).
         """
         resolve_runtime(self.runtime, self.precision)
-        names = [n.strip() for n in str(self.backbone).split("+")]
+        names = backbone_names(self.backbone)
         if len(names) > 1 and self.weights not in (None, "random"):
             raise ValueError(f"weights=FILE names one backbone's weights; {self.backbone!r} is an ensemble of {len(names)}")
         if not all(names):
