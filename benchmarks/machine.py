@@ -27,11 +27,12 @@ def cpu_model_and_flags() -> tuple[str, list[str]]:
     return model, [f for f in wanted if f in flags]
 
 
-def matmul_gflops(seconds: float = 1.0, n: int = 1024) -> float:
-    """Measured fp32 matrix-multiply throughput of torch on this machine (GFLOP/s): the compute roof."""
+def matmul_gflops(seconds: float = 1.0, n: int = 1024, dtype: str = "fp32") -> float:
+    """Measured matrix-multiply throughput of torch on this machine (GFLOP/s, fp32 or bf16): the compute roof."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
     a @ b
     reps, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -50,6 +51,12 @@ def header(title: str) -> str:
         from dn2 import __version__ as dn2_version
     except ImportError:
         dn2_version = "?"
+    try:
+        import openvino
+
+        ov_version = f", openvino {openvino.__version__.split('-')[0]}"
+    except ImportError:
+        ov_version = ""
     lines = [
         f"# {title}",
         "",
@@ -57,6 +64,6 @@ def header(title: str) -> str:
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- CPU: {model}; {cores} cores usable; flags: {' '.join(flags) or 'none of avx2/avx512/amx'}",
         f"- torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads), "
-        f"python {platform.python_version()}, dn2 {dn2_version}",
+        f"python {platform.python_version()}, dn2 {dn2_version}{ov_version}",
     ]
     return "\n".join(lines)

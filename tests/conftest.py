@@ -11,6 +11,15 @@ from PIL import Image
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_dn2_cache(tmp_path_factory):
+    """Exported networks and cached embeddings of the test run go to a temporary folder, not ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DN2_CACHE", str(tmp_path_factory.mktemp("dn2-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def lite0():
     from dn2.backbones import load_backbone

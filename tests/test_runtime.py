@@ -38,7 +38,7 @@ def test_onnx_matches_torch_fp32(lite0, images, onnx_cache):
     assert len(files) == 1  # exported into $DN2_CACHE/onnx, keyed by name + hash
     assert runtime.onnx_cache_path(lite0) == files[0]
     flipped = extract(lite0, images, runtime="onnx", flip=True, progress=False, num_workers=0).vectors
-    flipped_ref = extract(lite0, images, runtime="torch", flip=True, progress=False, num_workers=0).vectors
+    flipped_ref = extract(lite0, images, runtime="torch", precision="fp32", flip=True, progress=False, num_workers=0).vectors
     assert _rel(flipped, flipped_ref) < 1e-4
 
 
@@ -66,12 +66,13 @@ def test_export_failure_falls_back_to_torch(lite0, images, onnx_cache, monkeypat
     object.__setattr__(lite0, "_dn2_onnx", None)  # no session cached by an earlier test
     with pytest.warns(UserWarning, match="exporter exploded"):
         got = extract(lite0, images, runtime="onnx", progress=False, num_workers=0).vectors
-    ref = extract(lite0, images, runtime="torch", progress=False, num_workers=0).vectors
+    ref = extract(lite0, images, runtime="torch", precision="fp32", progress=False, num_workers=0).vectors
     np.testing.assert_array_equal(got, ref)
 
 
 def test_missing_onnxruntime_falls_back(lite0, images, monkeypatch):
     monkeypatch.setattr(runtime, "onnx_available", lambda: False)
+    monkeypatch.setattr(runtime, "openvino_available", lambda: False)
     assert runtime.resolve_runtime("auto", "fp32") == "torch"
     with pytest.warns(UserWarning, match="onnxruntime"):
         assert runtime.onnx_backbone(lite0) is None
@@ -82,11 +83,16 @@ def test_precision_and_runtime_resolution(monkeypatch):
     assert runtime.resolve_precision("auto") == "fp32"
     monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)
     assert runtime.resolve_precision("auto") == "bf16"
-    assert runtime.resolve_runtime("auto", "auto") == "torch"  # bf16 is a torch autocast feature
+    monkeypatch.setattr(runtime, "openvino_available", lambda: True)
+    assert runtime.resolve_runtime("auto", "auto") == "openvino"  # OpenVINO runs fp32 and bf16
+    assert runtime.resolve_runtime("openvino", "bf16") == "openvino"
+    monkeypatch.setattr(runtime, "openvino_available", lambda: False)
+    assert runtime.resolve_runtime("auto", "auto") == "torch"  # ONNX Runtime has no bf16 path
     assert runtime.resolve_precision("fp32") == "fp32"
     assert runtime.resolve_precision("bf16") == "bf16"
     monkeypatch.setattr(runtime, "onnx_available", lambda: True)
     assert runtime.resolve_runtime("auto", "fp32") == ("onnx" if runtime.AUTO_PREFERS_ONNX else "torch")
+    assert runtime.resolve_precision("auto", "onnx") == "fp32"  # auto never picks what a runtime can't run
     assert runtime.resolve_runtime("torch", "bf16") == "torch"
     with pytest.raises(ValueError, match="fp32 only"):
         runtime.resolve_runtime("onnx", "bf16")
@@ -166,8 +172,61 @@ def test_extract_bf16_uses_the_guard(lite0, images, monkeypatch):
         yield []
 
     monkeypatch.setattr(dn2.features, "mixed_bf16", spy)
-    extract(lite0, images[:1], precision="bf16", progress=False, num_workers=0)
+    extract(lite0, images[:1], precision="bf16", runtime="torch", progress=False, num_workers=0)
     extract(lite0, images[:1], precision="fp32", runtime="torch", progress=False, num_workers=0)
     assert calls == [True, False]
     with pytest.raises(ValueError, match="fp32 only"):
         extract(lite0, images[:1], precision="bf16", runtime="onnx", progress=False)
+    if runtime.openvino_available():  # OpenVINO's bf16 is its own (graph tail kept fp32), not the torch guard
+        extract(lite0, images[:1], precision="bf16", runtime="openvino", progress=False, num_workers=0)
+        assert calls == [True, False, False]
+
+
+# ----------------------------------------------------------------------------------------- OpenVINO
+
+needs_openvino = pytest.mark.skipif(not runtime.openvino_available(), reason="needs openvino")
+
+
+@needs_openvino
+def test_openvino_matches_torch_fp32(lite0, images, onnx_cache):
+    ref = extract(lite0, images, runtime="torch", precision="fp32", progress=False, num_workers=0).vectors
+    got = extract(lite0, images, runtime="openvino", precision="fp32", progress=False, num_workers=0, batch_size=2).vectors
+    assert got.shape == ref.shape == (5, 1280)
+    assert _rel(got, ref) < 1e-4  # normalisation inside the graph, fp32 weights: the same embeddings
+    xml = runtime.openvino_cache_path(lite0)
+    assert xml.parent == onnx_cache.parent / "openvino" and xml.is_file()
+    n_params = sum(p.numel() for p in lite0.body.parameters())  # the embedding network, without the classifier
+    assert xml.with_suffix(".bin").stat().st_size >= 4 * n_params * 0.9  # weights saved as fp32 (fp16: half)
+    flipped = extract(lite0, images, runtime="openvino", precision="fp32", flip=True, progress=False, num_workers=0).vectors
+    flipped_ref = extract(lite0, images, runtime="torch", precision="fp32", flip=True, progress=False, num_workers=0).vectors
+    assert _rel(flipped, flipped_ref) < 1e-4
+
+
+@needs_openvino
+def test_openvino_bf16_stays_close_to_fp32(lite0, images, onnx_cache):
+    ref = extract(lite0, images, runtime="openvino", precision="fp32", progress=False, num_workers=0).vectors
+    got = extract(lite0, images, runtime="openvino", precision="bf16", progress=False, num_workers=0).vectors
+    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    assert float(cos.min()) > 0.99
+    if runtime.cpu_supports_bf16():  # elsewhere OpenVINO ignores the bf16 hint and runs fp32
+        assert _rel(got, ref) > 1e-4  # bf16 really ran
+
+
+def test_openvino_failure_falls_back_to_torch(lite0, images, onnx_cache, monkeypatch):
+    def broken(backbone, path):
+        raise RuntimeError("converter exploded")
+
+    monkeypatch.setattr(runtime, "export_openvino", broken)
+    monkeypatch.setattr(runtime, "openvino_available", lambda: True)
+    monkeypatch.setattr(runtime, "openvino_cache_path", lambda backbone, cache_dir=None: onnx_cache / "missing.xml")
+    object.__setattr__(lite0, "_dn2_openvino", None)  # no compiled model cached by an earlier test
+    with pytest.warns(UserWarning, match="converter exploded"):
+        got = extract(lite0, images, runtime="openvino", precision="fp32", progress=False, num_workers=0).vectors
+    ref = extract(lite0, images, runtime="torch", precision="fp32", progress=False, num_workers=0).vectors
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_missing_openvino_falls_back(lite0, monkeypatch):
+    monkeypatch.setattr(runtime, "openvino_available", lambda: False)
+    with pytest.warns(UserWarning, match="openvino"):
+        assert runtime.openvino_backbone(lite0) is None

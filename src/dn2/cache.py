@@ -26,6 +26,7 @@ from sklearn.base import clone
 
 from .datasets import SubsetSource
 from .features import Embedder, Embeddings, backbone_names, resolve_precision
+from .runtime import resolve_runtime
 from .images import ArraySource, FileSource, ImageSource, PILSource, ZipSource, as_source
 from .modelfile import ModelFileError, read_model, write_model
 
@@ -78,12 +79,19 @@ def fingerprint(source: ImageSource) -> str:
 
 
 def cache_key(embedder: Embedder, source: ImageSource) -> str:
-    """The entry name: backbone identity + precision + image fingerprint."""
-    key = {
+    """The entry name: backbone identity + precision (+ runtime for bf16) + image fingerprint.
+
+    fp32 runtimes agree to ~1e-6 and share entries; bf16 runtimes round differently (PyTorch keeps
+    the stem and head in fp32, OpenVINO the graph's tail), so a bf16 entry also names its runtime.
+    """
+    precision = resolve_precision(embedder.precision, embedder.runtime)
+    key: dict[str, Any] = {
         "backbone": embedder.identity(),
-        "precision": resolve_precision(embedder.precision),
+        "precision": precision,
         "images": fingerprint(source),
     }
+    if precision == "bf16":
+        key["runtime"] = resolve_runtime(embedder.runtime, precision)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 

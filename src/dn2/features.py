@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .backbones import DEFAULT_BACKBONE, Backbone, Preprocessing, load_backbone
 from .images import BadImageError, ImageSource, as_source
 from .runtime import PRECISIONS, RUNTIMES, cpu_supports_bf16  # noqa: F401 - re-exported (cli, bench)
-from .runtime import default_batch_size, mixed_bf16, onnx_backbone, resolve_precision, resolve_runtime
+from .runtime import default_batch_size, mixed_bf16, onnx_backbone, openvino_backbone, resolve_precision, resolve_runtime
 
 _INTERPOLATION = {
     "bilinear": TF.InterpolationMode.BILINEAR,
@@ -150,14 +150,15 @@ def extract(
     A bad image raises :class:`BadImageError` naming it, or with ``skip_bad`` is warned about,
     left out of the result and listed in ``Embeddings.skipped``.
 
-    ``runtime`` is "torch", "onnx" (ONNX Runtime, fp32 only) or "auto" (see :mod:`dn2.runtime`);
-    a failed ONNX export falls back to torch with a warning. ``precision="bf16"`` keeps the stem and
-    the final layers in fp32 (:func:`dn2.runtime.mixed_bf16`). ``batch_size=None`` uses the
-    runtime's measured best (8 for torch eager, 32 for ONNX Runtime).
+    ``runtime`` is "openvino", "torch", "onnx" (ONNX Runtime, fp32 only) or "auto" (OpenVINO when
+    installed; see :mod:`dn2.runtime`); a failed conversion falls back to torch with a warning.
+    ``precision="auto"`` is bf16 on CPUs with native bf16, else fp32; torch's bf16 keeps the stem
+    and the final layers in fp32 (:func:`dn2.runtime.mixed_bf16`), OpenVINO's keeps the graph's
+    tail in fp32. ``batch_size=None`` uses the runtime's measured best.
     """
     source = as_source(images)
     pre = backbone.config.preprocessing
-    precision = resolve_precision(precision)
+    precision = resolve_precision(precision, runtime)
     runtime = resolve_runtime(runtime, precision)
     n = len(source)
     workers = default_num_workers(n) if num_workers is None else num_workers
@@ -166,13 +167,18 @@ def extract(
     skipped: list[str] = []
     tune_malloc()
     backbone = backbone.to(memory_format=torch.channels_last)
-    model = onnx_backbone(backbone) if runtime == "onnx" else None
+    model: Any = None
+    if runtime == "openvino":
+        model = openvino_backbone(backbone, precision)
+    elif runtime == "onnx":
+        model = onnx_backbone(backbone)
     if model is None:
         runtime, model = "torch", backbone
+    uint8_input = bool(getattr(model, "uint8_input", False))  # OpenVINO normalises inside its graph
     batch_size = batch_size or default_batch_size(runtime)
-    memory_format = torch.channels_last if runtime == "torch" else torch.contiguous_format  # ORT: NCHW
+    memory_format = torch.channels_last if runtime == "torch" else torch.contiguous_format  # ORT/OpenVINO: NCHW
     bar = tqdm(total=n, unit="img", desc="embedding", disable=not progress, file=sys.stderr)
-    with torch.inference_mode(), mixed_bf16(backbone, enabled=precision == "bf16"):
+    with torch.inference_mode(), mixed_bf16(backbone, enabled=precision == "bf16" and runtime == "torch"):
         for crops, index, errors in _batches(source, pre, batch_size, workers):
             for i, message in zip(index.tolist(), errors):
                 if message:
@@ -181,7 +187,7 @@ def extract(
                     warnings.warn(f"skipping {message}", stacklevel=2)
                     ok[i] = False
                     skipped.append(message)
-            batch = normalize(crops, pre).contiguous(memory_format=memory_format)
+            batch = crops if uint8_input else normalize(crops, pre).contiguous(memory_format=memory_format)
             out = model(batch)
             if flip:
                 out = (out + model(torch.flip(batch, dims=[3]))) / 2
