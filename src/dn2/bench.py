@@ -41,7 +41,7 @@ from sklearn.metrics import roc_auc_score
 
 from .backbones import DEFAULT_BACKBONE
 from .datasets import FORMATS, LabelledDataset, Split, describe, load_dataset, subset
-from .features import PRECISIONS, backbone_names
+from .features import PRECISIONS, RUNTIMES, backbone_names
 from .group import SetDetector, covariance_trace
 from .report import Plot, Table, format_table, write_html, write_table
 from .search import kmeans, knn, knn_score
@@ -651,8 +651,9 @@ def _backbone_list(args: argparse.Namespace) -> list[str]:
 def _command_line(args: argparse.Namespace) -> str:
     """The options that shape the results, as a command to paste (for the report)."""
     parts = ["dn2 bench", args.protocol, "--data", str(args.data)]
-    for option in ("backbone", "normalize", "k", "seeds", "max_train_per_class", "max_test", "format", "precision"):
-        value, default = getattr(args, option), {"k": 2, "seeds": 3, "format": "auto", "precision": "auto", "normalize": "none"}.get(option)
+    for option in ("backbone", "normalize", "k", "seeds", "max_train_per_class", "max_test", "format", "precision", "runtime"):
+        value, default = getattr(args, option), {"k": 2, "seeds": 3, "format": "auto", "precision": "auto", "runtime": "auto",
+                                                 "normalize": "none"}.get(option)
         if value is not None and value != default:
             parts += [f"--{option.replace('_', '-')}", str(value)]
     return " ".join(parts)
@@ -669,7 +670,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.protocol not in ("backbones", "all"):
         names = names[:1]  # the other protocols use the first backbone listed
     options = dict(batch_size=args.batch_size, num_workers=args.workers, precision=args.precision,
-                   progress=not args.quiet, skip_bad=args.skip_bad)
+                   runtime=args.runtime, progress=not args.quiet, skip_bad=args.skip_bad)
     datas = {b: embed_dataset(ds, b, cache_dir=args.cache_dir, use_cache=not args.no_cache, **options) for b in names}
     if args.normalize != "none":
         datas = {b: normalized(d, args.normalize) for b, d in datas.items()}
@@ -712,6 +713,7 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-train-per-class", type=int, default=None, metavar="N", help="use at most N random training images per class")
     p.add_argument("--max-test", type=int, default=None, metavar="N", help="use at most N random test images")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="inference precision (default: auto)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto", help="inference runtime (default: auto)")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the runtime's fastest)")
     p.add_argument("--workers", type=int, default=None, help="image decoding processes (default: auto)")
     p.add_argument("--skip-bad", action="store_true", help="warn about unreadable images and go on")

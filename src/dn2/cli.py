@@ -18,7 +18,7 @@ from typing import Sequence
 from .backbones import DEFAULT_BACKBONE, BackboneWeightsError, list_backbones
 from .bench import add_bench_parser
 from .detector import PRESETS
-from .features import PRECISIONS
+from .features import PRECISIONS, RUNTIMES
 from .images import BadImageError
 from .modelfile import ModelFileError
 from .normalize import NORMALIZATIONS
@@ -28,8 +28,11 @@ EXPECTED_ERRORS = (BadImageError, ModelFileError, BackboneWeightsError, FileNotF
 
 def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="local backbone weights file (safetensors or state dict)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="inference precision (default: auto)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the runtime's fastest, 8 torch / 32 onnx)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="inference precision (default: auto = bf16 on CPUs with native bf16, else fp32)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                   help="inference runtime (default: auto = openvino when installed, else onnx/torch)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the runtime's fastest)")
     p.add_argument("--workers", type=int, default=None, help="image decoding processes (default: auto)")
     p.add_argument("--skip-bad", action="store_true", help="warn about unreadable images and go on")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -63,6 +66,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         num_workers=args.workers,
         precision=args.precision,
+        runtime=args.runtime,
         progress=not args.quiet,
         skip_bad=args.skip_bad,
     ).fit(_inputs(args.images))
@@ -84,7 +88,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if not isinstance(model, DN2):
         raise ValueError(f"{args.model} holds a detector on embeddings, not an image model")
     model.set_params(progress=not args.quiet, skip_bad=args.skip_bad, precision=args.precision,
-                     batch_size=args.batch_size, num_workers=args.workers)
+                     runtime=args.runtime, batch_size=args.batch_size, num_workers=args.workers)
     emb = model.embed(_inputs(args.images))
     det = model.detector
     scores = det.anomaly_score(emb.vectors) if len(emb.vectors) else []

@@ -289,6 +289,7 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         progress: bool = True,
         skip_bad: bool = False,
         seed: int = 0,
+        runtime: str = "auto",
         preset: str = "best",
         normalize: str | None = None,
         stages: tuple[int, ...] | None = None,
@@ -309,6 +310,7 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         self.progress = progress
         self.skip_bad = skip_bad
         self.seed = seed
+        self.runtime = runtime
         self.preset = preset
         self.normalize = normalize
         self.stages = stages
@@ -337,6 +339,7 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
             skip_bad=self.skip_bad,
             stages=method["stages"],
             flip=method["flip"],
+            runtime=self.runtime,
         )
 
     def _make_detector(self) -> KNNDetector:
@@ -375,6 +378,7 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
             precision=self.precision,
             progress=self.progress,
             skip_bad=self.skip_bad,
+            runtime=self.runtime,
         )
 
     @property
