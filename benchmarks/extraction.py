@@ -4,11 +4,13 @@
     with its classifier replaced by Identity, Resize(256)/CenterCrop(224)/ToTensor/Normalize, fp32
     eager, no dn2 (so no malloc tuning);
 (b) dn2 torch fp32 (``dn2.features.extract(runtime="torch", precision="fp32")``);
-(c) dn2 fast path (``runtime="auto"``: ONNX Runtime when installed, see dn2.runtime).
+(c) dn2 OpenVINO fp32 (``runtime="openvino", precision="fp32"``);
+(d) dn2 torch bf16 (``runtime="torch", precision="bf16"``: autocast with stem and head in fp32);
+(e) dn2's default (``runtime="auto", precision="auto"``: OpenVINO, bf16 on CPUs with native bf16).
 
 Each pipeline runs in its own subprocess on the same images (the first ``n`` files in ImageFolder
 order, where ``n`` is what (a) processed within ``--seconds``), with random weights. Model loading,
-ONNX export and one warm-up batch are excluded; decoding, resizing and inference are timed.
+ONNX/OpenVINO conversion and one warm-up batch are excluded; decoding, resizing and inference are timed.
 
 Usage (full run, about 15 minutes on 2 cores):
     python benchmarks/extraction.py
@@ -110,20 +112,21 @@ def run_plain(backbone: str, root: str, limit: int, seconds: float) -> dict:
     return {"n": n, "seconds": elapsed}
 
 
-def run_dn2(backbone: str, root: str, limit: int, runtime: str, batch_size: int | None) -> dict:
-    """(b)/(c) dn2.features.extract on the first `limit` files, fp32, with the given runtime."""
+def run_dn2(backbone: str, root: str, limit: int, runtime: str, precision: str, batch_size: int | None) -> dict:
+    """(b)-(e) dn2.features.extract on the first `limit` files with the given runtime and precision."""
     from dn2.backbones import load_backbone
     from dn2.features import extract
-    from dn2.runtime import resolve_runtime
+    from dn2.runtime import resolve_precision, resolve_runtime
 
     files = imagefolder_files(Path(root))[:limit]
     net = load_backbone(backbone, weights="random")
-    # Warm-up: ONNX export/session (cached afterwards) and first-call kernel setup.
-    extract(net, files[:8], runtime=runtime, precision="fp32", progress=False, num_workers=0, batch_size=batch_size)
+    # Warm-up: ONNX/OpenVINO conversion (cached afterwards) and first-call kernel setup.
+    extract(net, files[:16], runtime=runtime, precision=precision, progress=False, num_workers=0, batch_size=batch_size)
     start = time.perf_counter()
-    emb = extract(net, files, runtime=runtime, precision="fp32", progress=False, batch_size=batch_size)
+    emb = extract(net, files, runtime=runtime, precision=precision, progress=False, batch_size=batch_size)
     elapsed = time.perf_counter() - start
-    return {"n": len(emb.vectors), "seconds": elapsed, "resolved": resolve_runtime(runtime, "fp32")}
+    resolved = resolve_precision(precision)
+    return {"n": len(emb.vectors), "seconds": elapsed, "resolved": f"{resolve_runtime(runtime, resolved)} {resolved}"}
 
 
 def in_subprocess(job: dict) -> dict:
@@ -145,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backbones", default="efficientnet_lite0,resnet101", help="comma-separated")
     p.add_argument("--seconds", type=float, default=300.0,
                    help="time cap of the plain pipeline per backbone; the others get the same images (default 300)")
-    p.add_argument("--onnx-batch", type=int, default=None, help="batch size of the fast path (default: dn2's)")
+    p.add_argument("--fast-batch", type=int, default=None, help="batch size of the default path (e) (default: dn2's)")
+    p.add_argument("--pipelines", default="b,c,d,e", help="dn2 pipelines to run beside the plain one (a)")
     p.add_argument("--_job", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -160,10 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     from machine import header, matmul_gflops
 
     print(header("dn2 feature extraction, end to end from JPEG files"))
-    gflops = matmul_gflops()
-    print(f"- fp32 matmul: {gflops:.0f} GFLOP/s measured (the compute roof for fp32 inference)")
+    gflops, bf16_gflops = matmul_gflops(), matmul_gflops(dtype="bf16")
+    print(f"- matmul: fp32 {gflops:.0f} GFLOP/s, bf16 {bf16_gflops:.0f} GFLOP/s measured (the compute roofs)")
     print(f"- images: {args.images} {args.source} JPEGs; plain pipeline capped at {args.seconds:.0f} s per backbone\n")
 
+    pipelines = {
+        "b": ("dn2 torch fp32 (b)", "torch", "fp32", None),
+        "c": ("dn2 OpenVINO fp32 (c)", "openvino", "fp32", None),
+        "d": ("dn2 torch bf16, fp32 stem/head (d)", "torch", "bf16", None),
+        "e": ("dn2 default: runtime=auto, precision=auto (e)", "auto", "auto", args.fast_batch),
+    }
     tmp = Path(tempfile.mkdtemp(prefix="dn2-extraction-"))
     try:
         (write_cifar if args.source == "cifar" else write_synthetic)(tmp / "images", args.images)
@@ -173,23 +183,24 @@ def main(argv: list[str] | None = None) -> int:
             plain = in_subprocess({"kind": "plain", "backbone": backbone, "root": root,
                                    "limit": args.images, "seconds": args.seconds})
             n = plain["n"]
-            torch_run = in_subprocess({"kind": "dn2", "backbone": backbone, "root": root, "limit": n,
-                                       "runtime": "torch", "batch_size": None})
-            fast = in_subprocess({"kind": "dn2", "backbone": backbone, "root": root, "limit": n,
-                                  "runtime": "auto", "batch_size": args.onnx_batch})
+            runs = [("plain torchvision fp32 eager (a)", plain)]
+            for key in args.pipelines.split(","):
+                label, runtime, precision, batch = pipelines[key]
+                r = in_subprocess({"kind": "dn2", "backbone": backbone, "root": root, "limit": n,
+                                   "runtime": runtime, "precision": precision, "batch_size": batch})
+                runs.append((f"{label} -> {r['resolved']}", r))
             base = n / plain["seconds"]
-            roof = gflops / GFLOP_PER_IMAGE.get(backbone, float("nan"))
-            for name, r in [("plain torchvision fp32 eager (a)", plain), ("dn2 torch fp32 (b)", torch_run),
-                            (f"dn2 fast path, runtime=auto -> {fast['resolved']} (c)", fast)]:
+            gflop = GFLOP_PER_IMAGE.get(backbone, float("nan"))
+            for name, r in runs:
                 rate = r["n"] / r["seconds"]
                 rows.append(f"| {backbone} | {name} | {r['n']} | {r['seconds']:.1f} | {rate:.1f} | "
-                            f"{rate / base:.2f}x | {roof:.0f} |")
+                            f"{rate / base:.2f}x | {gflops / gflop:.0f} | {bf16_gflops / gflop:.0f} |")
             print(f"{backbone}: done", file=sys.stderr)
-        print("| backbone | pipeline | images | seconds | img/s | vs (a) | fp32 roof img/s |")
-        print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+        print("| backbone | pipeline | images | seconds | img/s | vs (a) | fp32 roof img/s | bf16 roof img/s |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         print("\n".join(rows))
-        print("\nfp32 roof = measured matmul GFLOP/s / GFLOP per image (EfficientNet-Lite0 0.40, ResNet-101 7.8): "
-              "no fp32 pipeline can exceed it on this CPU.")
+        print("\nroof = measured matmul GFLOP/s / GFLOP per image (EfficientNet-Lite0 0.40, ResNet-101 7.8): "
+              "a network cannot run faster than its convolutions at matmul speed.")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

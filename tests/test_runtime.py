@@ -213,12 +213,12 @@ def test_openvino_bf16_stays_close_to_fp32(lite0, images, onnx_cache):
 
 
 def test_openvino_failure_falls_back_to_torch(lite0, images, onnx_cache, monkeypatch):
-    def broken(backbone, path):
+    def broken(module, path, example):
         raise RuntimeError("converter exploded")
 
     monkeypatch.setattr(runtime, "export_openvino", broken)
     monkeypatch.setattr(runtime, "openvino_available", lambda: True)
-    monkeypatch.setattr(runtime, "openvino_cache_path", lambda backbone, cache_dir=None: onnx_cache / "missing.xml")
+    monkeypatch.setattr(runtime, "openvino_cache_path", lambda backbone, cache_dir=None, part="": onnx_cache / "missing.xml")
     object.__setattr__(lite0, "_dn2_openvino", None)  # no compiled model cached by an earlier test
     with pytest.warns(UserWarning, match="converter exploded"):
         got = extract(lite0, images, runtime="openvino", precision="fp32", progress=False, num_workers=0).vectors
@@ -230,3 +230,30 @@ def test_missing_openvino_falls_back(lite0, monkeypatch):
     monkeypatch.setattr(runtime, "openvino_available", lambda: False)
     with pytest.warns(UserWarning, match="openvino"):
         assert runtime.openvino_backbone(lite0) is None
+
+
+def test_bf16_parts_compose_to_the_network(lite0):
+    """The stem -> middle -> head split that OpenVINO's bf16 guard runs is the network itself."""
+    import torchvision
+
+    resnet = torchvision.models.resnet18(weights=None).eval()
+    resnet.fc = nn.Identity()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for net in (lite0, resnet):
+        parts = runtime.bf16_parts(net)
+        assert [name for name, _ in parts] == ["stem", "middle", "head"]
+        with torch.inference_mode():
+            y = x
+            for _, module in parts:
+                y = module(y)
+            torch.testing.assert_close(y, net(x), rtol=1e-5, atol=1e-5)
+    pieces = runtime.openvino_pieces(lite0, "bf16")
+    assert [(name, p) for name, _, p in pieces] == [("stem", "fp32"), ("middle", "bf16"), ("head", "fp32")]
+    assert [(name, p) for name, _, p in runtime.openvino_pieces(lite0, "fp32")] == [("", "fp32")]
+
+
+@needs_openvino
+def test_openvino_bf16_split_pieces_are_cached_apart(lite0, images, onnx_cache):
+    extract(lite0, images[:2], runtime="openvino", precision="bf16", progress=False, num_workers=0)
+    xmls = sorted(p.name.rsplit("-", 1)[-1] for p in (onnx_cache.parent / "openvino").glob("*.xml"))
+    assert xmls == ["head.xml", "middle.xml", "stem.xml"]

@@ -217,27 +217,31 @@ def export_cache_key(backbone: nn.Module, **extra: Any) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def openvino_cache_path(backbone: nn.Module, cache_dir: str | os.PathLike | None = None) -> Path:
-    """``<cache>/openvino/<name>-<digest>.xml`` (with its ``.bin``), keyed like the ONNX export plus the OpenVINO version."""
+def openvino_cache_path(backbone: nn.Module, cache_dir: str | os.PathLike | None = None, part: str = "") -> Path:
+    """``<cache>/openvino/<name>-<digest>[-<part>].xml`` (with its ``.bin``), keyed like the ONNX export plus
+    the OpenVINO version and, for a piece of a split network (:func:`bf16_parts`), which piece."""
     import openvino as ov
 
     root = Path(cache_dir) if cache_dir else onnx_cache_dir().parent / "openvino"
     safe_name = backbone.config.name.replace(":", "_").replace("/", "_")
-    return root / f"{safe_name}-{export_cache_key(backbone, openvino=ov.__version__)}.xml"
+    digest = export_cache_key(backbone, openvino=ov.__version__, part=part)
+    return root / f"{safe_name}-{digest}{'-' + part if part else ''}.xml"
 
 
-def export_openvino(backbone: nn.Module, path: str | os.PathLike) -> Path:
-    """Convert ``backbone`` to an OpenVINO IR (fp32 weights, dynamic batch) at ``path`` (.xml + .bin), atomically."""
+def export_openvino(module: nn.Module, path: str | os.PathLike, example: torch.Tensor) -> Path:
+    """Convert ``module`` to an OpenVINO IR (fp32 weights, dynamic batch) at ``path`` (.xml + .bin), atomically.
+
+    ``example`` is an input batch of the right shape (its batch size is made dynamic).
+    """
     import openvino as ov
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    crop = backbone.config.preprocessing.crop
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.xml")
     try:
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about Python control flow
-            model = ov.convert_model(backbone, example_input=torch.zeros(2, 3, crop, crop), input=[(-1, 3, crop, crop)])
+            model = ov.convert_model(module, example_input=example, input=[(-1, *example.shape[1:])])
         ov.save_model(model, str(tmp), compress_to_fp16=False)  # the default would round weights to fp16
         os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
         os.replace(tmp, path)
@@ -247,42 +251,94 @@ def export_openvino(backbone: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
+# Which pieces of a split network (:func:`bf16_parts`) OpenVINO runs in fp32 when precision="bf16".
+# Measured on CIFAR-10 with EfficientNet-Lite0 (BENCHMARKS.md): bf16 everywhere cost 0.28 ROCAUC points.
+BF16_FP32_PARTS: tuple[str, ...] = ("stem", "head")
+
+
+def bf16_parts(backbone: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """The backbone as (name, module) pieces stem -> middle -> head, whose composition is its forward.
+
+    stem: the first convolution and its normalisation (+ activation, + max pooling for ResNets);
+    head: the last convolution block and the global pooling (EfficientNet: conv_head, bn2, pooling;
+    ResNet: the last bottleneck block, pooling). These are the layers :func:`mixed_bf16` keeps in
+    fp32 for PyTorch. None for networks of another structure or with extra ``stages`` (hooks).
+    """
+    body = getattr(backbone, "body", backbone)
+    if getattr(backbone, "stages", ()):
+        return None
+    if all(hasattr(body, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool")):
+        return [("stem", nn.Sequential(body.conv_stem, body.bn1)), ("middle", body.blocks),
+                ("head", nn.Sequential(body.conv_head, body.bn2, body.global_pool, nn.Flatten(1)))]
+    if all(hasattr(body, a) for a in ("conv1", "bn1", "relu", "maxpool", "layer4", "avgpool")) and isinstance(body.fc, nn.Identity):
+        return [("stem", nn.Sequential(body.conv1, body.bn1, body.relu, body.maxpool)),
+                ("middle", nn.Sequential(body.layer1, body.layer2, body.layer3, body.layer4[:-1])),
+                ("head", nn.Sequential(body.layer4[-1], body.avgpool, nn.Flatten(1)))]
+    return None
+
+
+def openvino_pieces(backbone: nn.Module, precision: str) -> list[tuple[str, nn.Module, str]]:
+    """(part name, module, precision) to convert and chain: the whole network, or for bf16 the pieces of
+    :func:`bf16_parts` with those in :data:`BF16_FP32_PARTS` in fp32 (neighbours of equal precision merged)."""
+    parts = bf16_parts(backbone) if precision == "bf16" else None
+    if parts is None:
+        if precision == "bf16" and getattr(backbone, "stages", ()):
+            warnings.warn("OpenVINO bf16 cannot keep the stem/head in fp32 with stages=; running fp32", stacklevel=4)
+            precision = "fp32"
+        return [("", backbone, precision)]
+    pieces: list[tuple[list[str], list[nn.Module], str]] = []
+    for name, module in parts:
+        p = "fp32" if name in BF16_FP32_PARTS else "bf16"
+        if pieces and pieces[-1][2] == p:
+            pieces[-1][0].append(name)
+            pieces[-1][1].append(module)
+        else:
+            pieces.append(([name], [module], p))
+    if len(pieces) == 1:
+        return [("", backbone, pieces[0][2])]
+    return [("+".join(names), mods[0] if len(mods) == 1 else nn.Sequential(*mods), p) for names, mods, p in pieces]
+
+
 class OpenVinoBackbone:
     """A converted backbone compiled by OpenVINO for the CPU; called on a uint8 (N, 3, H, W) batch of crops.
 
-    The backbone's mean/std normalisation runs inside the compiled graph (``uint8_input = True``
+    It may be a chain of compiled pieces of different precision (see :func:`openvino_pieces`). The
+    backbone's mean/std normalisation runs inside the first compiled graph (``uint8_input = True``
     tells :func:`dn2.features.extract` to pass the crops as they are).
     """
 
     uint8_input = True
 
-    def __init__(self, path: str | os.PathLike, mean: tuple[float, ...], std: tuple[float, ...],
-                 precision: str = "fp32", num_threads: int | None = None):
+    def __init__(self, pieces: list[tuple[Path, str]], mean: tuple[float, ...], std: tuple[float, ...],
+                 num_threads: int | None = None):
         import openvino as ov
         from openvino.preprocess import PrePostProcessor
 
         core = ov.Core()
-        model = core.read_model(str(path))
-        ppp = PrePostProcessor(model)
-        ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NCHW"))
-        ppp.input().model().set_layout(ov.Layout("NCHW"))
-        ppp.input().preprocess().convert_element_type(ov.Type.f32).mean([m * 255.0 for m in mean]).scale(
-            [s * 255.0 for s in std])
-        model = ppp.build()
-        config = {
-            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_NUM_THREADS": int(num_threads or torch.get_num_threads()),
-        }
-        self.path = Path(path)
-        self.precision = precision
-        self.compiled = core.compile_model(model, "CPU", config)
-        self.request = self.compiled.create_infer_request()
+        self.paths = [Path(path) for path, _ in pieces]
+        self.precisions = [precision for _, precision in pieces]
+        self.requests = []
+        for i, (path, precision) in enumerate(pieces):
+            model = core.read_model(str(path))
+            if i == 0:
+                ppp = PrePostProcessor(model)
+                ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NCHW"))
+                ppp.input().model().set_layout(ov.Layout("NCHW"))
+                ppp.input().preprocess().convert_element_type(ov.Type.f32).mean([m * 255.0 for m in mean]).scale(
+                    [s * 255.0 for s in std])
+                model = ppp.build()
+            config = {
+                "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+                "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_NUM_THREADS": int(num_threads or torch.get_num_threads()),
+            }
+            self.requests.append(core.compile_model(model, "CPU", config).create_infer_request())
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         x = np.ascontiguousarray(batch.detach().to(torch.uint8).contiguous().numpy())
-        out = self.request.infer({0: x})[0]
-        return torch.from_numpy(np.array(out, dtype=np.float32, copy=True))  # the request reuses its buffer
+        for request in self.requests:  # each output is read by the next piece before it runs again
+            x = request.infer({0: x}, share_inputs=True)[0]
+        return torch.from_numpy(np.array(x, dtype=np.float32, copy=True))  # the request reuses its buffer
 
 
 def openvino_backbone(backbone: nn.Module, precision: str = "fp32",
@@ -296,14 +352,21 @@ def openvino_backbone(backbone: nn.Module, precision: str = "fp32",
         warnings.warn("runtime='openvino' needs the openvino package (pip install openvino); using torch", stacklevel=3)
         return None
     try:
-        path = openvino_cache_path(backbone, cache_dir)
+        pieces = openvino_pieces(backbone, precision)
+        paths = [openvino_cache_path(backbone, cache_dir, part) for part, _, _ in pieces]
         cached = getattr(backbone, "_dn2_openvino", None)
-        if isinstance(cached, OpenVinoBackbone) and cached.path == path and cached.precision == precision:
+        if isinstance(cached, OpenVinoBackbone) and cached.paths == paths and cached.precisions == [p for *_, p in pieces]:
             return cached
-        if not (path.is_file() and path.with_suffix(".bin").is_file()):
-            export_openvino(backbone, path)
+        crop = backbone.config.preprocessing.crop
+        example = torch.zeros(2, 3, crop, crop)
+        for path, (_, module, _) in zip(paths, pieces):
+            if not (path.is_file() and path.with_suffix(".bin").is_file()):
+                export_openvino(module, path, example)
+            if len(pieces) > 1:
+                with torch.no_grad():
+                    example = module(example)
         pre = backbone.config.preprocessing
-        runner = OpenVinoBackbone(path, pre.mean, pre.std, precision=precision)
+        runner = OpenVinoBackbone([(path, p) for path, (*_, p) in zip(paths, pieces)], pre.mean, pre.std)
     except Exception as e:  # noqa: BLE001 - any conversion/compile failure means: use torch
         warnings.warn(f"OpenVINO conversion or compilation for {backbone.config.name} failed "
                       f"({type(e).__name__}: {e}); using torch", stacklevel=3)
@@ -386,6 +449,9 @@ __all__ = [
     "openvino_available",
     "openvino_backbone",
     "openvino_cache_path",
+    "openvino_pieces",
+    "bf16_parts",
+    "BF16_FP32_PARTS",
     "resolve_precision",
     "resolve_runtime",
 ]
