@@ -1,4 +1,4 @@
-"""Tests for dn2.search: exact kNN against brute force, leave-one-out, FAISS indexes, k-means."""
+"""Tests for dn2.search: exact kNN (tiled; fp32 or bf16 screening) vs brute force, leave-one-out, FAISS, k-means."""
 
 import warnings
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from dn2.search import kmeans, knn, knn_score, make_index, recall_at_k
+from dn2 import runtime
+from dn2.search import kmeans, knn, knn_score, make_index, recall_at_k, screening_precision
 
 
 def brute_force(train, queries, k, exclude_self=False):
@@ -72,6 +73,72 @@ def test_knn_distances_recomputed_exactly():
     np.testing.assert_allclose(dist, ref_d, rtol=1e-5)
 
 
+def numpy_knn(train, queries, k, exclude_self=False):
+    """Brute force with np.linalg.norm in float64: (dist, idx, all distances); ties go to the lower index."""
+    full = np.linalg.norm(queries[:, None, :].astype(np.float64) - train[None, :, :].astype(np.float64), axis=2)
+    if exclude_self:
+        np.fill_diagonal(full, np.inf)
+    idx = np.argsort(full, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(full, idx, axis=1), idx, full
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 64])
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_tiled_knn_matches_numpy(block_rows, exclude_self):
+    # Train rows taken 1, 7 or 64 at a time (each block's best merged into a running best), queries 16 at
+    # a time: the same answer as brute force for k from 1 to every row, duplicates ranked by index.
+    rng = np.random.default_rng(4)
+    train = rng.normal(size=(90, 8)).astype(np.float32)
+    train[[10, 40]] = train[70]  # three copies of one row
+    queries = None if exclude_self else np.vstack([train[70], rng.normal(size=(20, 8))]).astype(np.float32)
+    q = train if queries is None else queries
+    k_max = len(train) - 1 if exclude_self else len(train)
+    for k in (1, 3, k_max):
+        dist, idx = knn(train, queries, k, exclude_self=exclude_self, chunk_size=16, block_rows=block_rows)
+        ref_d, ref_i, full = numpy_knn(train, q, k, exclude_self)
+        np.testing.assert_allclose(dist, ref_d, rtol=1e-5, atol=1e-6)
+        if k < k_max:
+            np.testing.assert_array_equal(idx, ref_i)
+        else:  # all rows: the same set, in an order the float64 distances agree with (float32 near-ties aside)
+            np.testing.assert_array_equal(np.sort(idx, axis=1), np.sort(ref_i, axis=1))
+            np.testing.assert_allclose(np.take_along_axis(full, idx, axis=1), ref_d, rtol=1e-5, atol=1e-6)
+    dist, idx = knn(train, queries, 3, exclude_self=exclude_self, chunk_size=16, block_rows=block_rows)
+    if exclude_self:  # each copy finds the other two, never itself
+        assert idx[10, :2].tolist() == [40, 70] and idx[70, :2].tolist() == [10, 40]
+        np.testing.assert_array_equal(dist[[10, 40, 70], :2], 0.0)
+    else:  # a query equal to the copies finds all three, lowest index first
+        assert idx[0].tolist() == [10, 40, 70] and np.all(dist[0] == 0.0)
+
+
+def test_bf16_screening_gives_fp32_neighbours_and_exact_distances():
+    # bf16 only screens candidates: the distances are recomputed in fp32, so on data without near-ties
+    # the answer is the fp32 one, and the DN2 score agrees with brute force. (On tight clusters far apart,
+    # like `clustered`, bf16 rounding of the rows is large against the neighbour distances: use fp32.)
+    rng = np.random.default_rng(6)
+    train, queries = rng.normal(size=(2000, 256)).astype(np.float32), rng.normal(size=(200, 256)).astype(np.float32)
+    d16, i16 = knn(train, queries, 5, precision="bf16")
+    d32, i32 = knn(train, queries, 5, precision="fp32")
+    np.testing.assert_array_equal(i16, i32)
+    np.testing.assert_allclose(d16, d32, rtol=1e-6)
+    ref_d, _ = brute_force(train, queries, 5)
+    np.testing.assert_allclose(knn_score(d16), ref_d.mean(axis=1), rtol=1e-4)
+    # Leave-one-out, through the exact index, in blocks of 300 train rows.
+    d16, i16 = knn(train, None, 5, exclude_self=True, block_rows=300, precision="bf16")
+    d32, i32 = make_index("exact", precision="fp32").fit(train).search_self(5)
+    np.testing.assert_array_equal(i16, i32)
+    np.testing.assert_allclose(d16, d32, rtol=1e-6)
+
+
+def test_auto_precision_is_bf16_only_on_native_bf16_cpus_and_large_problems(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: False)
+    assert screening_precision("auto", 10_000, 10**6, 2048) == "fp32"
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)
+    assert screening_precision("auto", 10_000, 10**6, 2048) == "bf16"
+    assert screening_precision("auto", 50, 300, 24) == "fp32"  # too small for bf16 to pay
+    assert screening_precision("fp32", 10_000, 10**6, 2048) == "fp32"  # explicit choices are kept
+    assert screening_precision("bf16", 50, 300, 24) == "bf16"
+
+
 def test_queries_none_finds_each_row_itself(data):
     train, _ = data
     dist, idx = knn(train, None, 1)
@@ -133,6 +200,9 @@ def _with(a, pos, value):
         (lambda t, q: knn(t, None, 300, exclude_self=True), "between 1 and 299"),
         (lambda t, q: knn(t, q, 2, exclude_self=True), "queries=None"),
         (lambda t, q: knn(t, q, 2, chunk_size=0), "chunk_size"),
+        (lambda t, q: knn(t, q, 2, block_rows=0), "block_rows"),
+        (lambda t, q: knn(t, q, 2, precision="fp16"), r"precision must be one of \('auto', 'fp32', 'bf16'\)"),
+        (lambda t, q: make_index("exact", precision="fp16"), "precision must be one of"),
         (lambda t, q: knn(_with(t, (0, 0), 1e30), q, 2), "too large"),
     ],
 )
@@ -171,8 +241,8 @@ def test_search_self_drops_last_column_when_self_not_returned():
 
 @pytest.mark.parametrize(
     "kind, params",
-    [("exact", {"chunk_size": 64}), ("flat", {}), ("ivf", {}), ("ivf", {"nlist": 8, "nprobe": 2}), ("hnsw", {}),
-     ("ivfpq", {})],
+    [("exact", {"chunk_size": 64}), ("exact", {"precision": "bf16"}), ("flat", {}), ("ivf", {}),
+     ("ivf", {"nlist": 8, "nprobe": 2}), ("hnsw", {}), ("ivfpq", {})],
 )
 def test_indexes_recall_on_clustered_data(kind, params):
     train, queries = clustered(2000), clustered(100, seed=5)
@@ -190,6 +260,8 @@ def test_make_index_rejects_unknown_kind_and_params():
         make_index("annoy")
     with pytest.raises(ValueError, match="nprobe"):
         make_index("ivf", nprob=4)
+    with pytest.raises(ValueError, match=r"allowed: \['chunk_size', 'precision'\]"):
+        make_index("exact", block=4)
     with pytest.raises(ValueError, match="m=5 must divide"):
         make_index("ivfpq", m=5).fit(clustered(100))
     with pytest.raises(RuntimeError, match="fit"):

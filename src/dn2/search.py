@@ -1,6 +1,9 @@
-"""Nearest-neighbour search for DN2: exact chunked kNN (torch), FAISS indexes, k-means compression.
+"""Nearest-neighbour search for DN2: exact tiled kNN (torch), FAISS indexes, k-means compression.
 
-All arrays are float32; every distance returned is Euclidean (never squared).
+All arrays are float32; every distance returned is Euclidean (never squared). The exact search
+(:func:`knn`) screens candidates with a matrix product in fp32 or, on CPUs with native bf16
+instructions, in bf16, then re-ranks them by directly computed fp32 distances: returned distances are
+always exact for the returned indices.
 """
 
 from __future__ import annotations
@@ -16,11 +19,21 @@ try:
 except ImportError:  # pragma: no cover - faiss-cpu is a declared dependency
     faiss = None
 
-__all__ = ["knn", "knn_score", "kmeans", "make_index", "recall_at_k", "ExactIndex", "FaissIndex", "INDEX_KINDS"]
+__all__ = [
+    "knn", "knn_score", "kmeans", "make_index", "recall_at_k", "screening_precision", "ExactIndex", "FaissIndex",
+    "INDEX_KINDS", "SCREENING_PRECISIONS",
+]
 
-MEMORY_BUDGET = 256 * 2**20  # bytes of temporaries per query chunk in the exact path
-_NORM_CHUNK_BYTES = 2 * 2**20  # cache-sized row chunks for the squared-norm pass
+MEMORY_BUDGET = 256 * 2**20  # bytes of temporaries of the exact path (see _tile_rows), whatever the data size
+QUERY_CHUNK = 2048  # default queries per chunk: each pass over the train rows serves this many (compute bound)
+SCREENING_PRECISIONS = ("auto", "fp32", "bf16")
+_NORM_CHUNK_BYTES = 2 * 2**20  # cache-sized row chunks for the squared-norm pass and the bf16 conversion
+_TRAIN_BLOCK_BYTES = 32 * 2**20  # train rows per block, in the matmul's dtype: ~ an L3 cache (see _tile_rows)
 _RERANK_MARGIN = 8  # candidates beyond k re-ranked by exact distance (near-ties, rounding of the expansion)
+_RERANK_MARGIN_BF16 = 32  # the same for bf16 screening (see _screen): 8 gave the fp32 top-k on the benchmark
+#   mixture and on L2-normalised ReLU-like data (d = 2048, N <= 10^5, k = 2 and 10), but tight clusters far
+#   apart needed 32 (recall 0.9988 at 16); each extra 8 costs ~3%, a price worth paying for the default path
+_BF16_MIN_WORK = 10**9  # n_queries * n_train * dim from which "auto" screens in bf16 (when native)
 
 
 def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
@@ -73,6 +86,159 @@ def _check_k(k: int, available: int, what: str) -> None:
         raise ValueError(f"k must be between 1 and {available} ({what}), got {k}")
 
 
+def screening_precision(precision: str, n_queries: int, n_train: int, dim: int) -> str:
+    """The precision ("fp32" or "bf16") in which `knn` screens candidates for a problem of this size.
+
+    "auto" picks bf16 only when the CPU has native bf16 instructions (AVX-512 BF16 or AMX; elsewhere
+    torch emulates bf16, many times slower) and n_queries * n_train * dim >= _BF16_MIN_WORK: below
+    that, converting the train rows and re-ranking the larger candidate set can cost more than bf16
+    saves (measured on an AVX-512 BF16 CPU, k = 2: bf16 took 0.87-1.5x the fp32 time below 10^9,
+    0.33-0.87x from 10^9 on, 0.33x at 2000 queries x 20000 train rows x 2048).
+    """
+    if precision not in SCREENING_PRECISIONS:
+        raise ValueError(f"precision must be one of {SCREENING_PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if n_queries * n_train * dim < _BF16_MIN_WORK:
+        return "fp32"
+    from . import runtime  # lazy: torch-only module, but keeps `import dn2.search` light and cycle-free
+
+    return "bf16" if runtime.cpu_supports_bf16() else "fp32"
+
+
+def _tile_rows(
+    n_q: int, n_train: int, dim: int, n_cand: int, bf16: bool, chunk_size: int | None, block_rows: int | None
+) -> tuple[int, int, int]:
+    """(queries per chunk, train rows per block, queries per re-ranking step) keeping temporaries <= MEMORY_BUDGET.
+
+    A quarter of the budget for the query chunk (centred fp32 copy, bf16 copy, candidate lists), half
+    for the (chunk x block) screening tile (fp32, plus for bf16 the bf16 product and the bf16 train
+    block), a quarter for the gathered candidate rows of one re-ranking step. Within that, a train block
+    holds about _TRAIN_BLOCK_BYTES in the matmul's dtype (4096 fp32 or 8192 bf16 rows at dim 2048):
+    at 2000 x 100k x 2048, fp32 blocks of 8192 rows were 15% slower, bf16 blocks of 4096 3% slower.
+    Explicit chunk_size / block_rows override the first two (and can exceed the budget); so can a huge
+    dim or k, each step holding at least one row. Nothing scales with the number of train rows: the
+    train matrix is never copied, in either precision.
+    """
+    per_query = dim * (6 if bf16 else 4) + 48 * n_cand
+    q_rows = chunk_size or max(1, min(QUERY_CHUNK, n_q, MEMORY_BUDGET // 4 // per_query))
+    row_bytes = 2 * (dim + 4) if bf16 else 4 * dim
+    per_train = q_rows * (6 if bf16 else 4) + (row_bytes if bf16 else 0)
+    t_rows = block_rows or max(1, min(n_train, _TRAIN_BLOCK_BYTES // row_bytes, MEMORY_BUDGET // 2 // per_train))
+    r_rows = max(1, min(q_rows, MEMORY_BUDGET // 4 // (4 * n_cand * dim)))
+    return q_rows, t_rows, r_rows
+
+
+def _split_bf16(x: torch.Tensor, out: torch.Tensor) -> None:
+    """Write fp32 values `x` as two bf16 columns out[:, 0] + out[:, 1] (about 16 significant bits)."""
+    hi = x.to(torch.bfloat16)
+    out[:, 0] = hi
+    out[:, 1] = x - hi.float()
+
+
+def _screen(
+    qc: torch.Tensor,
+    q_norms: torch.Tensor,
+    t: torch.Tensor,
+    centre: torch.Tensor,
+    t_norms: torch.Tensor,
+    n_cand: int,
+    block_rows: int,
+    self_start: int | None,
+    bf16: bool,
+) -> torch.Tensor:
+    """Indices (m, n_cand), unordered, of the smallest screening values of each query row over all train rows.
+
+    `qc` is one chunk of centred queries q - c, `q_norms` their ||q-c||^2 and `t_norms` the ||t-c||^2.
+    Train rows are taken block by block; each block's per-row top n_cand is merged into the running top
+    n_cand. `self_start` (leave-one-out) is the train index of the chunk's first query row: those diagonal
+    entries are masked by index, so exact duplicates of a row still count as its neighbours. The tile
+    buffers are allocated once and reused: a fresh 100 MB tensor per block costs about as much in page
+    faults as the elementwise work on it.
+
+    fp32 screens by ||t-c||^2 - 2 (q-c).t (one addmm on the train rows in place, no copies), which differs
+    from ||q-t||^2 by a per-query constant. bf16 screens by ||q-t||^2 itself, see below.
+    """
+    m, (n_train, dim) = qc.shape[0], t.shape
+    rows = min(block_rows, n_train)
+    tile = torch.empty(m * rows, dtype=torch.float32)
+    if bf16:
+        # bf16 keeps 8 significant bits (rounding error up to 2^-9 relative); the matmul accumulates in fp32
+        # but rounds its output to bf16. Two error sources, each kept small:
+        # - Output rounding. Centring (c = train mean) already makes (q-c).(t-c) of the order of the squared
+        #   distances rather than of ||q||^2, but rounding -2 (q-c).(t-c) alone still needed 64+ extra
+        #   candidates on the benchmark mixture. So the norms and a per-row offset r ride along as extra
+        #   columns, split into hi + lo bf16 parts (16 bits):
+        #     [-2(q-c) | ||q-c||^2 - r (hi, lo) | 1, 1] . [t-c | 1, 1 | ||t-c||^2 (hi, lo)] = ||q-t||^2 - r
+        #   is summed in fp32 and rounded once; r is the row's current n_cand-th best value (0 in the first
+        #   block), so the values that decide the cut are near 0 and round with a tiny absolute error.
+        # - Rounding the centred rows: an error of about 2^-8 sqrt(sum_i ((q-c)_i (t-c)_i)^2), roughly
+        #   2^-8 ||q-c|| ||t-c|| / sqrt(dim) (the dim rounding errors average out), in ||q-t||^2. Small
+        #   when neighbours are not much closer than rows are to the mean (deep features, the benchmark
+        #   mixture: margin 4-8 sufficed). Tight clusters far apart (||q-c||^2 ~ 50x the k-th squared
+        #   distance) needed a margin of 32 (recall 0.999 at 16), the default; for tighter still, precision="fp32".
+        q_low = torch.empty((m, dim + 4), dtype=torch.bfloat16)
+        q_low[:, :dim] = qc * -2.0
+        q_low[:, dim + 2 :] = 1.0
+        t_low = torch.empty((rows, dim + 4), dtype=torch.bfloat16)
+        t_low[:, dim : dim + 2] = 1.0
+        product = torch.empty(m * rows, dtype=torch.bfloat16)
+        r = torch.zeros(m, dtype=torch.float32)
+    best_v = torch.empty((m, 0), dtype=torch.float32)
+    best_i = torch.empty((m, 0), dtype=torch.int64)
+    for b in range(0, n_train, block_rows):
+        tb = t[b : b + block_rows]
+        n = len(tb)
+        block = tile[: m * n].view(m, n)
+        if not bf16:
+            torch.addmm(t_norms[b : b + n], qc, tb.T, alpha=-2.0, out=block)
+        else:
+            low = t_low[:n]
+            for s, c in _row_chunks(tb):
+                low[s : s + len(c), :dim] = c - centre  # converts to bf16; cache-sized fp32 temporary
+            _split_bf16(t_norms[b : b + n], low[:, dim + 2 :])
+            _split_bf16(q_norms - r, q_low[:, dim : dim + 2])
+            out = product[: m * n].view(m, n)
+            torch.mm(q_low, low.T, out=out)
+            block.copy_(out).add_(r[:, None])
+        if self_start is not None:
+            rows_q = torch.arange(m)
+            cols = rows_q + (self_start - b)  # train index of query row j is self_start + j
+            inside = (cols >= 0) & (cols < n)
+            block[rows_q[inside], cols[inside]] = float("inf")
+        v, i = torch.topk(block, min(n_cand, n), dim=1, largest=False, sorted=False)
+        best_v, best_i = torch.cat([best_v, v], dim=1), torch.cat([best_i, i.add_(b)], dim=1)
+        if best_v.shape[1] > n_cand:
+            best_v, j = torch.topk(best_v, n_cand, dim=1, largest=False, sorted=False)
+            best_i = torch.gather(best_i, 1, j)
+        if bf16 and best_v.shape[1] == n_cand:
+            r = best_v.max(dim=1).values
+            r = torch.where(torch.isfinite(r), r, 0.0)  # a masked (inf) self entry still among the best
+    return best_i
+
+
+def _rerank(
+    t: torch.Tensor, q: torch.Tensor, cand: torch.Tensor, k: int, step: int, dist_out: np.ndarray, idx_out: np.ndarray
+) -> None:
+    """Write the k nearest of each query row's candidates by exact fp32 ||q - t|| into dist_out / idx_out.
+
+    Candidates are sorted by index first, then stably by distance: ties break towards the lower index.
+    Rows are processed `step` at a time through one reused (step, n_cand, dim) buffer of gathered rows.
+    """
+    cand = torch.sort(cand, dim=1).values
+    m, n_cand = cand.shape
+    gathered = torch.empty(min(step, m) * n_cand * t.shape[1], dtype=torch.float32)
+    for r in range(0, m, step):
+        c = cand[r : r + step]
+        diff = gathered[: c.numel() * t.shape[1]].view(len(c), n_cand, t.shape[1])
+        torch.index_select(t, 0, c.reshape(-1), out=diff.view(-1, t.shape[1]))
+        diff.sub_(q[r : r + len(c), None, :])  # float32 differences carry no cancellation error
+        exact = torch.linalg.vector_norm(diff, dim=2)
+        order = torch.sort(exact, dim=1, stable=True).indices[:, :k]
+        dist_out[r : r + len(c)] = torch.gather(exact, 1, order).numpy()
+        idx_out[r : r + len(c)] = torch.gather(c, 1, order).numpy()
+
+
 @torch.inference_mode()
 def knn(
     train: np.ndarray,
@@ -81,17 +247,36 @@ def knn(
     *,
     exclude_self: bool = False,
     chunk_size: int | None = None,
+    block_rows: int | None = None,
+    precision: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours of each query in `train`: (dist (Nq,k) float32 ascending, idx (Nq,k) int64).
 
     `queries=None` searches train against itself; with `exclude_self=True` row i never returns index i
-    (leave-one-out, masked by index so exact duplicates still count). Queries are processed in chunks
-    so the (chunk x Ntrain) distance block stays within MEMORY_BUDGET; candidates found via the fast
-    ||q||^2 - 2 q.t + ||t||^2 expansion are re-ranked by directly computed ||q - t|| to avoid cancellation.
+    (leave-one-out, masked by index so exact duplicates still count).
+
+    Work is tiled over chunks of `chunk_size` queries (default up to QUERY_CHUNK) and blocks of
+    `block_rows` train rows (default: sized from MEMORY_BUDGET): each pass over the train matrix serves
+    a whole query chunk, and temporaries stay within MEMORY_BUDGET whatever N (see `_tile_rows`; the
+    outputs come on top; the train matrix is never copied, in either precision).
+    Each tile screens candidates with the expansion ||q-c||^2 - 2 (q-c).(t-c) + ||t-c||^2 around c = the
+    train mean; the best k + margin candidates of each query are then re-ranked by directly computed
+    fp32 ||q - t|| (no cancellation), ties broken towards the lower index.
+
+    `precision` is the screening precision: "fp32" (margin _RERANK_MARGIN), "bf16" (centred rows rounded
+    to bf16, margin _RERANK_MARGIN_BF16; see `_screen`) or "auto" (see `screening_precision`).
+    Guarantees, in both: the distances returned are always the exact fp32 distances of the returned
+    indices, in ascending order, so the j-th distance is never below the true j-th nearest distance.
+    With fp32 screening the indices are the exact neighbours (up to float32 rounding of the distances).
+    With bf16 screening a true neighbour can be missed only if bf16 rounding pushes it behind k + margin
+    other rows, i.e. within a near-tie; the row returned instead is then farther by at most that
+    near-tie gap, and so is the score. To check on your data, compare with precision="fp32" (recall_at_k).
     """
     self_search = queries is None or queries is train
     if exclude_self and not self_search:
         raise ValueError("exclude_self=True is leave-one-out over train: pass queries=None")
+    if precision not in SCREENING_PRECISIONS:
+        raise ValueError(f"precision must be one of {SCREENING_PRECISIONS}, got {precision!r}")
     train = _as_matrix(train, "train")
     if train.shape[0] == 0:
         raise ValueError("train is empty")
@@ -101,45 +286,31 @@ def knn(
     n_train, dim = train.shape
     available = n_train - 1 if exclude_self else n_train
     _check_k(k, available, "leave-one-out needs k <= Ntrain - 1" if exclude_self else "k <= Ntrain")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    for name, value in (("chunk_size", chunk_size), ("block_rows", block_rows)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
 
     # Distances are translation invariant: expanding around (a sample of) the train mean c instead of the
-    # origin keeps the float32 terms of ||q-c||^2 - 2 (q-c).(t-c) + ||t-c||^2 small (deep features share a
-    # large mean component), so fewer digits cancel before the exact re-ranking below.
+    # origin keeps the terms of the expansion small (deep features share a large mean component), so fewer
+    # digits cancel before the exact re-ranking below.
     t = _to_torch(train)
     centre = _centre(t, "train")
     t_norms = _sq_norms(t, centre, "train")
     q = t if self_search else _to_torch(q_np)
     q_norms = t_norms if self_search else _sq_norms(q, centre, "queries")
 
-    n_cand = min(available, k + _RERANK_MARGIN)
-    if chunk_size is None:  # bytes per query row: distance block + gathered candidate rows + centred query
-        per_row = 4 * (n_train + n_cand * dim + dim)
-        chunk_size = max(1, MEMORY_BUDGET // per_row)
-
     n_q = q.shape[0]
+    bf16 = screening_precision(precision, n_q, n_train, dim) == "bf16"
+    n_cand = min(available, k + (_RERANK_MARGIN_BF16 if bf16 else _RERANK_MARGIN))
+    q_rows, t_rows, r_rows = _tile_rows(n_q, n_train, dim, n_cand, bf16, chunk_size, block_rows)
+
     dist_out = np.empty((n_q, k), dtype=np.float32)
     idx_out = np.empty((n_q, k), dtype=np.int64)
-    for s in range(0, n_q, chunk_size):
-        e = min(s + chunk_size, n_q)
-        qc = q[s:e]
-        qs = qc - centre
-        block = qs @ t.T  # (c, Ntrain): becomes squared distances in place; (q-c).(t-c) = (q-c).t - (q-c).c
-        block.sub_((qs @ centre)[:, None]).mul_(-2.0).add_(t_norms).add_(q_norms[s:e, None])
-        if exclude_self:
-            rows = torch.arange(e - s)
-            block[rows, rows + s] = float("inf")
-        cand = torch.topk(block, n_cand, dim=1, largest=False, sorted=False).indices
-        del block
-        # Exact re-ranking: sort candidates by index first so ties break towards the lower index.
-        cand = torch.sort(cand, dim=1).values
-        diff = t[cand].sub_(qc[:, None, :])  # float32 differences carry no cancellation error
-        exact = torch.linalg.vector_norm(diff, dim=2)
-        del diff
-        order = torch.sort(exact, dim=1, stable=True).indices[:, :k]
-        dist_out[s:e] = torch.gather(exact, 1, order).numpy()
-        idx_out[s:e] = torch.gather(cand, 1, order).numpy()
+    for s in range(0, n_q, q_rows):
+        e = min(s + q_rows, n_q)
+        self_start = s if exclude_self else None
+        cand = _screen(q[s:e] - centre, q_norms[s:e], t, centre, t_norms, n_cand, t_rows, self_start, bf16)
+        _rerank(t, q[s:e], cand, k, r_rows, dist_out[s:e], idx_out[s:e])
     return dist_out, idx_out
 
 
@@ -182,12 +353,15 @@ def recall_at_k(approx_idx: np.ndarray, exact_idx: np.ndarray) -> float:
 
 
 class ExactIndex:
-    """Exact search via `knn`: keeps a reference to the fitted array (no copy)."""
+    """Exact search via `knn` (query chunk size, screening precision): keeps a reference to the fitted array."""
 
     kind = "exact"
 
-    def __init__(self, chunk_size: int | None = None) -> None:
+    def __init__(self, chunk_size: int | None = None, precision: str = "auto") -> None:
+        if precision not in SCREENING_PRECISIONS:
+            raise ValueError(f"precision must be one of {SCREENING_PRECISIONS}, got {precision!r}")
         self.chunk_size = chunk_size
+        self.precision = precision
         self._X: np.ndarray | None = None
 
     @property
@@ -207,10 +381,10 @@ class ExactIndex:
         return self._X
 
     def search(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return knn(self._fitted(), Q, k, chunk_size=self.chunk_size)
+        return knn(self._fitted(), Q, k, chunk_size=self.chunk_size, precision=self.precision)
 
     def search_self(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return knn(self._fitted(), None, k, exclude_self=True, chunk_size=self.chunk_size)
+        return knn(self._fitted(), None, k, exclude_self=True, chunk_size=self.chunk_size, precision=self.precision)
 
 
 _FAISS_PARAMS = {
@@ -311,11 +485,11 @@ class FaissIndex:
 
 
 def make_index(kind: str = "exact", **params) -> ExactIndex | FaissIndex:
-    """Create an unfitted index: "exact" (torch, chunk_size=...), "flat", "ivf", "ivfpq" or "hnsw" (faiss)."""
+    """Create an unfitted index: "exact" (torch; chunk_size, precision), "flat", "ivf", "ivfpq" or "hnsw" (faiss)."""
     if kind == "exact":
-        unknown = set(params) - {"chunk_size"}
+        unknown = set(params) - {"chunk_size", "precision"}
         if unknown:
-            raise ValueError(f"unknown parameters for 'exact': {sorted(unknown)}; allowed: ['chunk_size']")
+            raise ValueError(f"unknown parameters for 'exact': {sorted(unknown)}; allowed: ['chunk_size', 'precision']")
         return ExactIndex(**params)
     if kind not in _FAISS_PARAMS:
         raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
