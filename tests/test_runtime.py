@@ -257,3 +257,38 @@ def test_openvino_bf16_split_pieces_are_cached_apart(lite0, images, onnx_cache):
     extract(lite0, images[:2], runtime="openvino", precision="bf16", progress=False, num_workers=0)
     xmls = sorted(p.name.rsplit("-", 1)[-1] for p in (onnx_cache.parent / "openvino").glob("*.xml"))
     assert xmls == ["head.xml", "middle.xml", "stem.xml"]
+
+
+REPRO = """
+import gc, sys, numpy as np, torch
+import dn2.features as F
+from dn2.backbones import load_backbone
+from dn2 import runtime
+gc.disable()
+net = load_backbone("efficientnet_lite0")
+runner = runtime.openvino_backbone(net, "fp32")
+runner(torch.zeros(2, 3, 224, 224, dtype=torch.uint8))
+cycle = [runner]; cycle.append(cycle)  # garbage that only the cyclic collector frees
+object.__setattr__(net, "_dn2_openvino", None)
+del runner, cycle
+orig = F._worker_init
+def init(i):
+    gc.collect()  # a worker's collector runs sooner or later
+    orig(i)
+F._worker_init = init
+print(F.extract(net, np.zeros((4, 32, 32, 3), np.uint8), runtime="torch", num_workers=1, progress=False).vectors.shape)
+"""
+
+
+@needs_openvino
+def test_decoding_workers_survive_openvino_garbage(tmp_path):
+    """A compiled OpenVINO model left as garbage must not hang the forked decoding workers (it did:
+    destroyed in the child, it waits for executor threads that only exist in the parent)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DN2_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", REPRO], capture_output=True, text=True, timeout=180, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "(4, 1280)"

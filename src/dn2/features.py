@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import warnings
@@ -117,6 +118,12 @@ def _worker_init(_: int) -> None:
 
 
 def _batches(source: ImageSource, pre: Preprocessing, batch_size: int, num_workers: int) -> Iterator[Any]:
+    """Batches of (uint8 crops, indices, error messages), decoded in ``num_workers`` forked processes.
+
+    The objects alive at the fork are frozen out of the garbage collector (``gc.freeze``) while the
+    workers start: otherwise a worker's collector may destroy garbage inherited from the parent, and
+    an OpenVINO compiled model destroyed in a forked child waits forever for its (absent) threads.
+    """
     loader = DataLoader(
         _Crops(source, pre),
         batch_size=batch_size,
@@ -124,7 +131,15 @@ def _batches(source: ImageSource, pre: Preprocessing, batch_size: int, num_worke
         worker_init_fn=_worker_init if num_workers else None,
         prefetch_factor=4 if num_workers else None,
     )
-    yield from loader
+    if not num_workers:
+        yield from loader
+        return
+    gc.freeze()
+    try:
+        batches = iter(loader)  # forks the workers
+    finally:
+        gc.unfreeze()
+    yield from batches
 
 
 def extract(
