@@ -31,10 +31,11 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-EXACT_METHODS = ("dn2", "sklearn", "pyod", "faiss_flat")
+EXACT_METHODS = ("dn2", "dn2_fp32", "sklearn", "pyod", "faiss_flat")
 APPROX_METHODS = ("ivf", "hnsw", "ivfpq")
 LABELS = {
-    "dn2": "dn2 exact (`dn2.search.knn`)",
+    "dn2": "dn2 exact, default (`knn`, precision auto)",
+    "dn2_fp32": "dn2 exact, fp32 screening (`knn(precision='fp32')`)",
     "sklearn": "scikit-learn NearestNeighbors(brute)",
     "pyod": "PyOD KNN(method='mean')",
     "faiss_flat": "FAISS IndexFlatL2",
@@ -42,7 +43,26 @@ LABELS = {
     "hnsw": "dn2 make_index('hnsw')",
     "ivfpq": "dn2 make_index('ivfpq')",
 }
-FIT_EXPONENT = {"pyod": 2.0}  # how fit time grows with N (PyOD scores the training set against itself)
+FIT_EXPONENT = {"pyod": 2.0}
+
+
+def parse_approx(method: str) -> tuple[str, dict]:
+    """'ivf:nprobe=32+nlist=1000' -> ('ivf', {'nprobe': 32, 'nlist': 1000}): an index kind with parameters."""
+    kind, _, rest = method.partition(":")
+    params = {}
+    for item in filter(None, rest.split("+")):
+        key, _, value = item.partition("=")
+        params[key] = float(value) if "." in value else int(value)
+    return kind, params
+
+
+def label(method: str) -> str:
+    """Table label of a method, including an approximate index's parameters."""
+    if method in LABELS:
+        return LABELS[method]
+    kind, params = parse_approx(method)
+    args = "".join(f", {k}={v}" for k, v in params.items())
+    return f"dn2 make_index('{kind}'{args})"  # how fit time grows with N (PyOD scores the training set against itself)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -104,11 +124,13 @@ def run_method(method: str, n: int, d: int, n_queries: int, k: int, out_dir: str
         importlib.import_module(module)
     with PeakRSS() as mem:
         t0 = time.perf_counter()
-        if method == "dn2":
-            from dn2.search import knn
+        if method in ("dn2", "dn2_fp32"):
+            from dn2.search import knn, screening_precision
 
             fitted = time.perf_counter()
-            dist, idx = knn(train, queries, k)
+            precision = "fp32" if method == "dn2_fp32" else "auto"
+            dist, idx = knn(train, queries, k, precision=precision)
+            resolved = screening_precision(precision, len(queries), n, d)
         elif method == "sklearn":
             from sklearn.neighbors import NearestNeighbors
 
@@ -133,7 +155,8 @@ def run_method(method: str, n: int, d: int, n_queries: int, k: int, out_dir: str
         else:
             from dn2.search import make_index
 
-            index = make_index(method).fit(train)
+            kind, params = parse_approx(method)
+            index = make_index(kind, **params).fit(train)
             fitted = time.perf_counter()
             dist, idx = index.search(queries, k)
         done = time.perf_counter()
@@ -141,7 +164,10 @@ def run_method(method: str, n: int, d: int, n_queries: int, k: int, out_dir: str
     np.save(Path(out_dir) / f"{method}-{d}-{n}-scores.npy", scores)
     if idx is not None:
         np.save(Path(out_dir) / f"{method}-{d}-{n}-idx.npy", np.asarray(idx))
-    return {"fit": fitted - t0, "search": done - fitted, "peak": mem.peak - mem.start}
+    out = {"fit": fitted - t0, "search": done - fitted, "peak": mem.peak - mem.start}
+    if method in ("dn2", "dn2_fp32"):
+        out["precision"] = resolved
+    return out
 
 
 def in_subprocess(job: dict, env: dict | None = None) -> dict:
@@ -197,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=10000, help="number of queries (default 10^4)")
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--methods", default=",".join(EXACT_METHODS), help=f"exact methods: {','.join(EXACT_METHODS)}")
-    p.add_argument("--approx", default=",".join(APPROX_METHODS), help="approximate indexes ('' for none)")
+    p.add_argument("--approx", default=",".join(APPROX_METHODS),
+                   help="approximate indexes ('' for none), with parameters as in ivf:nprobe=32+nlist=1000")
     p.add_argument("--max-seconds", type=float, default=600.0, help="skip a method where it would take longer")
     p.add_argument("--plot", help="write a log-log plot of search time vs N to this file")
     p.add_argument("--omp-check", action="store_true", help="only run the faiss-after-torch OpenMP check")
@@ -266,14 +293,23 @@ def _cell_status(r: dict) -> str | None:
     return None
 
 
+def _reference(tmp: str, d: int, n: int) -> str:
+    """The method whose scores/indices the others are compared with: dn2 with fp32 screening if run, else dn2."""
+    return "dn2_fp32" if _load(tmp, "scores", "dn2_fp32", d, n) is not None else "dn2"
+
+
 def exact_table(results: dict, tmp: str, dims: list[int], sizes: list[int], methods: list[str]) -> str:
-    """Markdown: per (d, N, method) fit/search time, speed-up of dn2, peak memory, score agreement."""
+    """Markdown: per (d, N, method) fit/search time, speed-up of dn2's default, peak memory, score agreement."""
+    from dn2.search import recall_at_k
+
     lines = ["## Exact search", "",
-             "| d | N | method | fit s | search s | total s | dn2 speed-up | peak RSS delta | max rel. score diff vs dn2 |",
-             "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| d | N | method | fit s | search s | total s | dn2 default speed-up | peak RSS delta | "
+             "max rel. score diff vs dn2 fp32 | recall vs dn2 fp32 |",
+             "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for d in dims:
         for n in sizes:
-            ref = _load(tmp, "scores", "dn2", d, n)
+            ref_method = _reference(tmp, d, n)
+            ref, ref_idx = _load(tmp, "scores", ref_method, d, n), _load(tmp, "idx", ref_method, d, n)
             dn2_total = None
             for method in ["dn2", *[m for m in methods if m != "dn2"]]:
                 r = results.get((method, d, n))
@@ -281,29 +317,31 @@ def exact_table(results: dict, tmp: str, dims: list[int], sizes: list[int], meth
                     continue
                 status = _cell_status(r)
                 if status:
-                    lines.append(f"| {d} | {n} | {LABELS[method]} | {status} | | | | | |")
+                    lines.append(f"| {d} | {n} | {label(method)} | {status} | | | | | | |")
                     continue
                 total = r["fit"] + r["search"]
                 if method == "dn2":
                     dn2_total = total
-                scores = _load(tmp, "scores", method, d, n)
+                scores, idx = _load(tmp, "scores", method, d, n), _load(tmp, "idx", method, d, n)
                 diff = "" if ref is None or scores is None else f"{np.max(np.abs(scores - ref) / np.abs(ref)):.1e}"
+                recall = "" if ref_idx is None or idx is None else f"{recall_at_k(idx, ref_idx):.4f}"
                 speed = "" if dn2_total is None or method == "dn2" else f"{total / dn2_total:.1f}x"
-                lines.append(f"| {d} | {n} | {LABELS[method]} | {r['fit']:.2f} | {r['search']:.2f} | {total:.2f} | "
-                             f"{speed} | {_fmt_bytes(r['peak'])} | {diff} |")
+                name = label(method) + (f" -> {r['precision']}" if method == "dn2" and "precision" in r else "")
+                lines.append(f"| {d} | {n} | {name} | {r['fit']:.2f} | {r['search']:.2f} | {total:.2f} | "
+                             f"{speed} | {_fmt_bytes(r['peak'])} | {diff} | {recall} |")
     return "\n".join(lines)
 
 
 def approx_table(results: dict, tmp: str, dims: list[int], sizes: list[int], approx: list[str], k: int) -> str:
     """Markdown: build/search time, recall@k vs exact, search throughput relative to dn2 exact."""
     lines = ["", "## Approximate search", "",
-             f"| d | N | index | build s | search s | recall@{k} | throughput vs dn2 exact | peak RSS delta |",
+             f"| d | N | index | build s | search s | recall@{k} | throughput vs dn2 exact (default) | peak RSS delta |",
              "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     from dn2.search import recall_at_k
 
     for d in dims:
         for n in sizes:
-            exact_idx = _load(tmp, "idx", "dn2", d, n)
+            exact_idx = _load(tmp, "idx", _reference(tmp, d, n), d, n)
             exact = results.get(("dn2", d, n), {})
             for method in approx:
                 r = results.get((method, d, n))
@@ -311,12 +349,12 @@ def approx_table(results: dict, tmp: str, dims: list[int], sizes: list[int], app
                     continue
                 status = _cell_status(r)
                 if status:
-                    lines.append(f"| {d} | {n} | {LABELS[method]} | {status} | | | | |")
+                    lines.append(f"| {d} | {n} | {label(method)} | {status} | | | | |")
                     continue
                 idx = _load(tmp, "idx", method, d, n)
                 recall = "" if exact_idx is None or idx is None else f"{recall_at_k(idx, exact_idx):.4f}"
                 ratio = f"{exact['search'] / r['search']:.1f}x" if "search" in exact else ""
-                lines.append(f"| {d} | {n} | {LABELS[method]} | {r['fit']:.2f} | {r['search']:.2f} | {recall} | "
+                lines.append(f"| {d} | {n} | {label(method)} | {r['fit']:.2f} | {r['search']:.2f} | {recall} | "
                              f"{ratio} | {_fmt_bytes(r['peak'])} |")
     return "\n".join(lines)
 
@@ -334,7 +372,7 @@ def plot(results: dict, dims: list[int], sizes: list[int], methods: list[str], p
             pts = [(n, r["fit"] + r["search"]) for n in sizes
                    if (r := results.get((method, d, n))) and "fit" in r]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=LABELS[method])
+                ax.plot(*zip(*pts), marker="o", label=label(method))
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("training embeddings N")

@@ -304,3 +304,14 @@ def test_kmeans_edge_cases():
         kmeans(X, 21)
     with pytest.raises(ValueError, match="n_centres"):
         kmeans(X, 0)
+
+
+def test_ivf_trains_on_a_sample_of_large_training_sets():
+    from dn2.search import make_index
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(3000, 16)).astype(np.float32)
+    index = make_index("ivf", nlist=4, nprobe=4, train_rows=500).fit(X)
+    assert len(index._training_sample(X)) == 500 and index.ntotal == 3000  # every row is still indexed
+    dist, idx = index.search(X[:5], 1)
+    np.testing.assert_array_equal(idx[:, 0], np.arange(5))  # nprobe = nlist: exhaustive, exact
