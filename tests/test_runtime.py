@@ -151,6 +151,9 @@ def test_bf16_guard_finds_resnet_layers():
     body = torchvision.models.resnet18(weights=None)
     body.fc = nn.Identity()
     keep = runtime.fp32_modules(body)
+    assert keep == [body.conv1, body.bn1, body.relu, body.maxpool, body.layer1, body.layer4[-1], body.avgpool]
+    body.fc = nn.Linear(512, 10)  # unknown structure: the structural rule (first/last conv and norm, pooling)
+    keep = runtime.fp32_modules(body)
     assert keep[:2] == [body.conv1, body.bn1]
     assert body.layer4[-1].conv2 in keep and body.layer4[-1].bn2 in keep and body.avgpool in keep
     assert len(keep) == 5
@@ -218,7 +221,7 @@ def test_openvino_failure_falls_back_to_torch(lite0, images, onnx_cache, monkeyp
 
     monkeypatch.setattr(runtime, "export_openvino", broken)
     monkeypatch.setattr(runtime, "openvino_available", lambda: True)
-    monkeypatch.setattr(runtime, "openvino_cache_path", lambda backbone, cache_dir=None, part="": onnx_cache / "missing.xml")
+    monkeypatch.setattr(runtime, "openvino_cache_path", lambda backbone, cache_dir=None, part="", piece=None: onnx_cache / "missing.xml")
     object.__setattr__(lite0, "_dn2_openvino", None)  # no compiled model cached by an earlier test
     with pytest.warns(UserWarning, match="converter exploded"):
         got = extract(lite0, images, runtime="openvino", precision="fp32", progress=False, num_workers=0).vectors
@@ -233,22 +236,21 @@ def test_missing_openvino_falls_back(lite0, monkeypatch):
 
 
 def test_bf16_parts_compose_to_the_network(lite0):
-    """The stem -> middle -> head split that OpenVINO's bf16 guard runs is the network itself."""
+    """The early -> middle -> head split that OpenVINO's bf16 guard runs is the network itself."""
     import torchvision
 
     resnet = torchvision.models.resnet18(weights=None).eval()
     resnet.fc = nn.Identity()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     for net in (lite0, resnet):
-        parts = runtime.bf16_parts(net)
-        assert [name for name, _ in parts] == ["stem", "middle", "head"]
+        assert [name for name, _ in runtime.bf16_parts(net)] == ["early", "middle", "head"]
+        pieces = runtime.openvino_pieces(net, "bf16")
+        assert [(name, p) for name, _, p in pieces] == [("early", "fp32"), ("middle", "bf16"), ("head", "fp32")]
         with torch.inference_mode():
             y = x
-            for _, module in parts:
+            for _, module, _ in pieces:
                 y = module(y)
             torch.testing.assert_close(y, net(x), rtol=1e-5, atol=1e-5)
-    pieces = runtime.openvino_pieces(lite0, "bf16")
-    assert [(name, p) for name, _, p in pieces] == [("stem", "fp32"), ("middle", "bf16"), ("head", "fp32")]
     assert [(name, p) for name, _, p in runtime.openvino_pieces(lite0, "fp32")] == [("", "fp32")]
 
 
@@ -256,7 +258,7 @@ def test_bf16_parts_compose_to_the_network(lite0):
 def test_openvino_bf16_split_pieces_are_cached_apart(lite0, images, onnx_cache):
     extract(lite0, images[:2], runtime="openvino", precision="bf16", progress=False, num_workers=0)
     xmls = sorted(p.name.rsplit("-", 1)[-1] for p in (onnx_cache.parent / "openvino").glob("*.xml"))
-    assert xmls == ["head.xml", "middle.xml", "stem.xml"]
+    assert xmls == ["early.xml", "head.xml", "middle.xml"]
 
 
 REPRO = """

@@ -82,8 +82,8 @@ def fingerprint(source: ImageSource) -> str:
 def cache_key(embedder: Embedder, source: ImageSource) -> str:
     """The entry name: backbone identity + precision (+ runtime for bf16) + image fingerprint.
 
-    fp32 runtimes agree to ~1e-6 and share entries; bf16 runtimes round differently (PyTorch keeps
-    the stem and head in fp32, OpenVINO the graph's tail), so a bf16 entry also names its runtime.
+    fp32 runtimes agree to ~1e-6 and share entries; bf16 runtimes round differently, so a bf16 entry
+    also names its runtime and the pieces its guard keeps in fp32.
     """
     precision = resolve_precision(embedder.precision, embedder.runtime)
     key: dict[str, Any] = {
@@ -93,8 +93,7 @@ def cache_key(embedder: Embedder, source: ImageSource) -> str:
     }
     if precision == "bf16":
         key["runtime"] = resolve_runtime(embedder.runtime, precision)
-        if key["runtime"] == "openvino":
-            key["fp32_parts"] = list(runtime.BF16_FP32_PARTS)
+        key["fp32_parts"] = list(runtime.BF16_FP32_PARTS)  # what the bf16 guard keeps in fp32
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -5,9 +5,9 @@ dn2 on x86-64 and ARM64) converts the backbone once with ``openvino.convert_mode
 pair cached on disk (keyed like the ONNX export, weights kept in fp32) and compiles it for the CPU
 with the image normalisation folded into the graph, so uint8 crops go in. Measured on a 2-core
 AVX-512 BF16 CPU (BENCHMARKS.md), OpenVINO ran EfficientNet-Lite0 4x faster than eager PyTorch in
-fp32, and ~8x in bf16. With ``precision="bf16"`` OpenVINO's CPU plugin runs convolutions and
-matrix products in bf16 but keeps the graph's tail after the last convolution (activation, global
-pooling) in fp32 for accuracy; the CIFAR-10 ROCAUC of this path is measured against fp32 in
+fp32, and several times faster again in bf16. With ``precision="bf16"`` the network is cut into
+pieces (:func:`bf16_parts`): the early high-resolution layers and the head are compiled in fp32, the
+middle in bf16 (:data:`BF16_FP32_PARTS`); the CIFAR-10 ROCAUC of this path against fp32 is in
 BENCHMARKS.md.
 
 ``runtime="onnx"`` exports the backbone once with ``torch.onnx.export`` (TorchScript exporter,
@@ -18,10 +18,9 @@ EfficientNet-Lite0 about 1.3x and ResNet-101 about 1.25x faster than eager PyTor
 BENCHMARKS.md); the embeddings agree with PyTorch fp32 to about 1e-5 relative. If the export or the
 session fails, dn2 warns and uses PyTorch.
 
-``precision="bf16"`` runs the network under CPU bf16 autocast, except the stem convolution and the
-final convolution / normalisation / global pooling, which stay in fp32 (:func:`mixed_bf16`): the
-input pixels and the pooled embedding keep full precision, where rounding would shift every
-distance. ``"auto"`` picks bf16 only on CPUs with native bf16 instructions (AVX-512 BF16 or AMX);
+With PyTorch, ``precision="bf16"`` runs the network under CPU bf16 autocast, except the same early
+layers and head, which stay in fp32 (:func:`mixed_bf16`): rounding errors made at high resolution
+are amplified by every later layer, and the pooled embedding keeps full precision. ``"auto"`` picks bf16 only on CPUs with native bf16 instructions (AVX-512 BF16 or AMX);
 elsewhere bf16 is emulated and many times slower than fp32.
 
 Example:
@@ -217,14 +216,16 @@ def export_cache_key(backbone: nn.Module, **extra: Any) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def openvino_cache_path(backbone: nn.Module, cache_dir: str | os.PathLike | None = None, part: str = "") -> Path:
+def openvino_cache_path(backbone: nn.Module, cache_dir: str | os.PathLike | None = None, part: str = "",
+                        piece: Any = None) -> Path:
     """``<cache>/openvino/<name>-<digest>[-<part>].xml`` (with its ``.bin``), keyed like the ONNX export plus
-    the OpenVINO version and, for a piece of a split network (:func:`bf16_parts`), which piece."""
+    the OpenVINO version and, for a piece of a split network (:func:`bf16_parts`), which piece
+    (``piece``: anything that identifies its layers, e.g. input shape and parameter count)."""
     import openvino as ov
 
     root = Path(cache_dir) if cache_dir else onnx_cache_dir().parent / "openvino"
     safe_name = backbone.config.name.replace(":", "_").replace("/", "_")
-    digest = export_cache_key(backbone, openvino=ov.__version__, part=part)
+    digest = export_cache_key(backbone, openvino=ov.__version__, part=part, piece=piece)
     return root / f"{safe_name}-{digest}{'-' + part if part else ''}.xml"
 
 
@@ -251,29 +252,33 @@ def export_openvino(module: nn.Module, path: str | os.PathLike, example: torch.T
     return path
 
 
-# Which pieces of a split network (:func:`bf16_parts`) OpenVINO runs in fp32 when precision="bf16".
-# Measured on CIFAR-10 with EfficientNet-Lite0 (BENCHMARKS.md): bf16 everywhere cost 0.28 ROCAUC points.
-BF16_FP32_PARTS: tuple[str, ...] = ("stem", "head")
+# Which pieces of a split network (:func:`bf16_parts`) run in fp32 when precision="bf16", in both runtimes.
+# Measured on CIFAR-10 with EfficientNet-Lite0 (BENCHMARKS.md): bf16 everywhere cost 0.28 ROCAUC points
+# (raw features); keeping only the stem conv and the head in fp32 still 0.24. The error is made early: the
+# high-resolution layers' rounding is amplified by all later ones (median embedding error 7% -> 2% with
+# the first two EfficientNet stages in fp32; later stages in fp32 changed nothing).
+BF16_FP32_PARTS: tuple[str, ...] = ("early", "head")
 
 
-def bf16_parts(backbone: nn.Module) -> list[tuple[str, nn.Module]] | None:
-    """The backbone as (name, module) pieces stem -> middle -> head, whose composition is its forward.
+def bf16_parts(backbone: nn.Module) -> list[tuple[str, list[nn.Module]]] | None:
+    """The backbone's layers as named pieces early -> middle -> head, whose composition is its forward.
 
-    stem: the first convolution and its normalisation (+ activation, + max pooling for ResNets);
-    head: the last convolution block and the global pooling (EfficientNet: conv_head, bn2, pooling;
-    ResNet: the last bottleneck block, pooling). These are the layers :func:`mixed_bf16` keeps in
-    fp32 for PyTorch. None for networks of another structure or with extra ``stages`` (hooks).
+    early: the stem and the layers up to and including the first stage at stride 4 (EfficientNet:
+    conv_stem, bn1, blocks 0-1; ResNet: conv1, bn1, relu, maxpool, layer1); head: the last
+    convolution block and the global pooling (EfficientNet: conv_head, bn2, pooling; ResNet: the last
+    block of layer4, pooling); middle: the rest. None for networks of another structure or with extra
+    ``stages`` (hooks), which then run in bf16 with only :func:`fp32_modules`' structural guard.
     """
     body = getattr(backbone, "body", backbone)
     if getattr(backbone, "stages", ()):
         return None
     if all(hasattr(body, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool")):
-        return [("stem", nn.Sequential(body.conv_stem, body.bn1)), ("middle", body.blocks),
-                ("head", nn.Sequential(body.conv_head, body.bn2, body.global_pool, nn.Flatten(1)))]
-    if all(hasattr(body, a) for a in ("conv1", "bn1", "relu", "maxpool", "layer4", "avgpool")) and isinstance(body.fc, nn.Identity):
-        return [("stem", nn.Sequential(body.conv1, body.bn1, body.relu, body.maxpool)),
-                ("middle", nn.Sequential(body.layer1, body.layer2, body.layer3, body.layer4[:-1])),
-                ("head", nn.Sequential(body.layer4[-1], body.avgpool, nn.Flatten(1)))]
+        return [("early", [body.conv_stem, body.bn1, body.blocks[0], body.blocks[1]]), ("middle", [body.blocks[2:]]),
+                ("head", [body.conv_head, body.bn2, body.global_pool])]
+    if all(hasattr(body, a) for a in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer4", "avgpool")) and isinstance(
+            getattr(body, "fc", None), nn.Identity):
+        return [("early", [body.conv1, body.bn1, body.relu, body.maxpool, body.layer1]),
+                ("middle", [body.layer2, body.layer3, body.layer4[:-1]]), ("head", [body.layer4[-1], body.avgpool])]
     return None
 
 
@@ -283,20 +288,22 @@ def openvino_pieces(backbone: nn.Module, precision: str) -> list[tuple[str, nn.M
     parts = bf16_parts(backbone) if precision == "bf16" else None
     if parts is None:
         if precision == "bf16" and getattr(backbone, "stages", ()):
-            warnings.warn("OpenVINO bf16 cannot keep the stem/head in fp32 with stages=; running fp32", stacklevel=4)
+            warnings.warn("OpenVINO bf16 cannot keep the early layers and head in fp32 with stages=; running fp32",
+                          stacklevel=4)
             precision = "fp32"
         return [("", backbone, precision)]
     pieces: list[tuple[list[str], list[nn.Module], str]] = []
-    for name, module in parts:
+    for name, modules in parts:
         p = "fp32" if name in BF16_FP32_PARTS else "bf16"
         if pieces and pieces[-1][2] == p:
             pieces[-1][0].append(name)
-            pieces[-1][1].append(module)
+            pieces[-1][1].extend(modules)
         else:
-            pieces.append(([name], [module], p))
+            pieces.append(([name], list(modules), p))
     if len(pieces) == 1:
         return [("", backbone, pieces[0][2])]
-    return [("+".join(names), mods[0] if len(mods) == 1 else nn.Sequential(*mods), p) for names, mods, p in pieces]
+    pieces[-1][1].append(nn.Flatten(1))  # ResNets flatten after pooling in forward; a no-op for timm's pooling
+    return [("+".join(names), nn.Sequential(*mods), p) for names, mods, p in pieces]
 
 
 class OpenVinoBackbone:
@@ -353,18 +360,22 @@ def openvino_backbone(backbone: nn.Module, precision: str = "fp32",
         return None
     try:
         pieces = openvino_pieces(backbone, precision)
-        paths = [openvino_cache_path(backbone, cache_dir, part) for part, _, _ in pieces]
+        crop = backbone.config.preprocessing.crop
+        examples = [torch.zeros(2, 3, crop, crop)]  # each piece's example input: the previous one's output
+        with torch.no_grad():
+            for _, module, _ in pieces[:-1]:
+                examples.append(module(examples[-1]))
+        paths = [
+            openvino_cache_path(backbone, cache_dir, part,
+                                piece=None if not part else [list(x.shape[1:]), sum(p.numel() for p in module.parameters())])
+            for (part, module, _), x in zip(pieces, examples)
+        ]
         cached = getattr(backbone, "_dn2_openvino", None)
         if isinstance(cached, OpenVinoBackbone) and cached.paths == paths and cached.precisions == [p for *_, p in pieces]:
             return cached
-        crop = backbone.config.preprocessing.crop
-        example = torch.zeros(2, 3, crop, crop)
-        for path, (_, module, _) in zip(paths, pieces):
+        for path, (_, module, _), example in zip(paths, pieces, examples):
             if not (path.is_file() and path.with_suffix(".bin").is_file()):
                 export_openvino(module, path, example)
-            if len(pieces) > 1:
-                with torch.no_grad():
-                    example = module(example)
         pre = backbone.config.preprocessing
         runner = OpenVinoBackbone([(path, p) for path, (*_, p) in zip(paths, pieces)], pre.mean, pre.std)
     except Exception as e:  # noqa: BLE001 - any conversion/compile failure means: use torch
@@ -379,12 +390,15 @@ def openvino_backbone(backbone: nn.Module, precision: str = "fp32",
 
 
 def fp32_modules(backbone: nn.Module) -> list[nn.Module]:
-    """The layers :func:`mixed_bf16` keeps in fp32: stem conv + its norm, last conv + its norm, global pooling.
+    """The layers :func:`mixed_bf16` keeps in fp32: those of the :data:`BF16_FP32_PARTS` of :func:`bf16_parts`.
 
-    Found by structure, so it works for timm EfficientNets and torchvision ResNets alike: the first
-    and last ``Conv2d`` and ``BatchNorm2d`` (timm's ``BatchNormAct2d`` is a subclass, so its
-    activation is included) in module order, and every adaptive-average or timm global pooling module.
+    For networks bf16_parts does not know (or with ``stages``), found by structure: the first and last
+    ``Conv2d`` and ``BatchNorm2d`` (timm's ``BatchNormAct2d`` is a subclass, so its activation is
+    included) in module order, and every adaptive-average or timm global pooling module.
     """
+    parts = bf16_parts(backbone)
+    if parts is not None:
+        return [m for name, modules in parts if name in BF16_FP32_PARTS for m in modules]
     convs = [m for m in backbone.modules() if isinstance(m, nn.Conv2d)]
     norms = [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
     pools = [
