@@ -48,7 +48,7 @@ def test_unknown_preset_is_a_clear_error():
 def test_paper_preset_scores_are_plain_dn2_bit_for_bit(image_folders):
     test = sorted(image_folders["test"].rglob("*.*"))
     model = DN2(preset="paper", weights="random", progress=False).fit(image_folders["normal"])
-    emb = Embedder(weights="random", progress=False)
+    emb = Embedder(weights="random", precision="fp32", progress=False)  # the paper preset's "auto" precision
     train = emb.transform(image_folders["normal"])
     ref = dn2.KNNDetector(k=2).fit(train)
     np.testing.assert_array_equal(model.anomaly_score(test), ref.anomaly_score(emb.transform(test)))
@@ -93,3 +93,14 @@ def test_identity_names_extraction_options_and_is_unchanged_without_them():
     assert set(plain) == {"name", "weights_id", "preprocessing", "feature_dim"}
     rich = Embedder(weights="random", stages=(-1,), flip=True, progress=False).identity()
     assert rich["stages"] == [4] and rich["flip"] is True and rich["feature_dim"] == 1600
+
+
+def test_auto_precision_is_fp32_for_raw_features_and_bf16_capable_after_sqrt_l2():
+    """bf16 extraction cost 0.22 ROCAUC points on raw features and 0.06 after sqrt_l2 (BENCHMARKS.md):
+    precision='auto' only lets the unit-norm methods use it."""
+    from dn2 import DN2
+
+    assert DN2(preset="paper")._make_embedder().precision == "fp32"
+    assert DN2(preset="best")._make_embedder().precision == "auto"  # bf16 where the CPU has it natively
+    assert DN2(preset="paper", precision="bf16")._make_embedder().precision == "bf16"  # explicit wins
+    assert DN2(preset="paper", normalize="sqrt_l2")._make_embedder().precision == "auto"

@@ -42,6 +42,7 @@ from sklearn.metrics import roc_auc_score
 from .backbones import DEFAULT_BACKBONE
 from .datasets import FORMATS, LabelledDataset, Split, describe, load_dataset, subset
 from .features import PRECISIONS, RUNTIMES, backbone_names
+from .runtime import method_precision
 from .group import SetDetector, covariance_trace
 from .report import Plot, Table, format_table, write_html, write_table
 from .search import kmeans, knn, knn_score
@@ -669,7 +670,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     names = _backbone_list(args)
     if args.protocol not in ("backbones", "all"):
         names = names[:1]  # the other protocols use the first backbone listed
-    options = dict(batch_size=args.batch_size, num_workers=args.workers, precision=args.precision,
+    options = dict(batch_size=args.batch_size, num_workers=args.workers,
+                   precision=method_precision(args.precision, args.normalize),
                    runtime=args.runtime, progress=not args.quiet, skip_bad=args.skip_bad)
     datas = {b: embed_dataset(ds, b, cache_dir=args.cache_dir, use_cache=not args.no_cache, **options) for b in names}
     if args.normalize != "none":

@@ -33,6 +33,7 @@ from .backbones import DEFAULT_BACKBONE
 from .base import ThresholdedScores
 from .features import Embedder, Embeddings
 from .normalize import EmbeddingTransform, make_transform, transform_from_state
+from .runtime import method_precision
 from .search import kmeans, knn, knn_score, make_index
 
 Neighbours = list[list[tuple[str, float]]]
@@ -334,7 +335,7 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
             weights=self.weights,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
-            precision=self.precision,
+            precision=method_precision(self.precision, method["normalize"]),
             progress=self.progress,
             skip_bad=self.skip_bad,
             stages=method["stages"],
@@ -375,7 +376,7 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         return self.embedder_.set_params(
             batch_size=self.batch_size,
             num_workers=self.num_workers,
-            precision=self.precision,
+            precision=method_precision(self.precision, self.method_params()["normalize"]),
             progress=self.progress,
             skip_bad=self.skip_bad,
             runtime=self.runtime,
