@@ -33,7 +33,7 @@ _RERANK_MARGIN = 8  # candidates beyond k re-ranked by exact distance (near-ties
 _RERANK_MARGIN_BF16 = 32  # the same for bf16 screening (see _screen): 8 gave the fp32 top-k on the benchmark
 #   mixture and on L2-normalised ReLU-like data (d = 2048, N <= 10^5, k = 2 and 10), but tight clusters far
 #   apart needed 32 (recall 0.9988 at 16); each extra 8 costs ~3%, a price worth paying for the default path
-_BF16_MIN_WORK = 10**9  # n_queries * n_train * dim from which "auto" screens in bf16 (when native)
+_BF16_MIN_WORK = 5 * 10**10  # n_queries * n_train * dim from which "auto" screens in bf16 (when native)
 
 
 def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
@@ -91,9 +91,9 @@ def screening_precision(precision: str, n_queries: int, n_train: int, dim: int) 
 
     "auto" picks bf16 only when the CPU has native bf16 instructions (AVX-512 BF16 or AMX; elsewhere
     torch emulates bf16, many times slower) and n_queries * n_train * dim >= _BF16_MIN_WORK: below
-    that, converting the train rows and re-ranking the larger candidate set can cost more than bf16
-    saves (measured on an AVX-512 BF16 CPU, k = 2: bf16 took 0.87-1.5x the fp32 time below 10^9,
-    0.33-0.87x from 10^9 on, 0.33x at 2000 queries x 20000 train rows x 2048).
+    that, converting the train rows and re-ranking the larger candidate set cost more than bf16
+    saves (benchmarks/search.py on an AVX-512 BF16 CPU, 10^4 queries: bf16 1.1x slower than fp32 at
+    1.3-2e10, 1.7-1.9x faster at 1.3-2e11, 3x at 2e12; 3x at 2000 x 20000 x 2048 = 8e10 in development).
     """
     if precision not in SCREENING_PRECISIONS:
         raise ValueError(f"precision must be one of {SCREENING_PRECISIONS}, got {precision!r}")
