@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation import unimodal_aucs  # noqa: E402
 from machine import header  # noqa: E402
 
+from dn2 import runtime  # noqa: E402
 from dn2.bench import limit_dataset  # noqa: E402
 from dn2.cache import cached_embed  # noqa: E402
 from dn2.datasets import load_dataset  # noqa: E402
@@ -57,23 +58,19 @@ def main() -> None:
     ap.add_argument("--reference", default="torch:fp32", help="runtime:precision of the reference")
     ap.add_argument("--paths", default="openvino:fp32,openvino:bf16,torch:bf16", help="runtime:precision pairs")
     ap.add_argument("--openvino-fp32-parts", default=None,
-                    help="override dn2.runtime.BF16_FP32_PARTS for OpenVINO bf16 ('' = all bf16; e.g. 'stem,head')")
+                    help="override dn2.runtime.BF16_FP32_PARTS for OpenVINO bf16 ('' = all bf16; e.g. 'early,head')")
     ap.add_argument("--max-train-per-class", type=int, default=0, help="0 = all training images")
     ap.add_argument("--max-test", type=int, default=0, help="0 = all test images")
     args = ap.parse_args()
     if args.openvino_fp32_parts is not None:
-        from dn2 import runtime
-
         runtime.BF16_FP32_PARTS = tuple(p for p in args.openvino_fp32_parts.split(",") if p)
     print(header("fast path accuracy"))
     ds = load_dataset(args.data)
     if args.max_train_per_class or args.max_test:
         ds = limit_dataset(ds, args.max_train_per_class or None, args.max_test or None)
     ytr, yte = ds.train.labels, ds.test.labels
-    from dn2 import runtime as rt
-
     print(f"{args.backbone}: {len(ytr)} train, {len(yte)} test images; reference {args.reference}; "
-          f"OpenVINO bf16 keeps {', '.join(rt.BF16_FP32_PARTS) or 'nothing'} in fp32\n")
+          f"OpenVINO bf16 keeps {', '.join(runtime.BF16_FP32_PARTS) or 'nothing'} in fp32\n")
     xtr_ref, xte_ref, ref_rate = embed(args.backbone, args.reference, ds)
     ref_raw = float(np.mean(unimodal_aucs(xtr_ref, ytr, xte_ref, yte)))
     ref_sq = float(np.mean(unimodal_aucs(xtr_ref, ytr, xte_ref, yte, normalize="sqrt_l2")))

@@ -27,7 +27,6 @@ from sklearn.base import clone
 from .datasets import SubsetSource
 from .features import Embedder, Embeddings, backbone_names, resolve_precision
 from . import runtime
-from .runtime import resolve_runtime
 from .images import ArraySource, FileSource, ImageSource, PILSource, ZipSource, as_source
 from .modelfile import ModelFileError, read_model, write_model
 
@@ -92,7 +91,7 @@ def cache_key(embedder: Embedder, source: ImageSource) -> str:
         "images": fingerprint(source),
     }
     if precision == "bf16":
-        key["runtime"] = resolve_runtime(embedder.runtime, precision)
+        key["runtime"] = runtime.resolve_runtime(embedder.runtime, precision)
         key["fp32_parts"] = list(runtime.BF16_FP32_PARTS)  # what the bf16 guard keeps in fp32
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 

@@ -328,20 +328,21 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         out["stages"] = tuple(out["stages"])
         return out
 
-    def _make_embedder(self) -> Embedder:
-        method = self.method_params()
-        return Embedder(
-            backbone=method["backbone"],
-            weights=self.weights,
+    def _run_options(self) -> dict[str, Any]:
+        """How the embedder runs (not what it computes): batch, workers, precision, runtime, progress, skip_bad."""
+        return dict(
             batch_size=self.batch_size,
             num_workers=self.num_workers,
-            precision=method_precision(self.precision, method["normalize"]),
+            precision=method_precision(self.precision, self.method_params()["normalize"]),
+            runtime=self.runtime,
             progress=self.progress,
             skip_bad=self.skip_bad,
-            stages=method["stages"],
-            flip=method["flip"],
-            runtime=self.runtime,
         )
+
+    def _make_embedder(self) -> Embedder:
+        method = self.method_params()
+        return Embedder(backbone=method["backbone"], weights=self.weights, stages=method["stages"], flip=method["flip"],
+                        **self._run_options())
 
     def _make_detector(self) -> KNNDetector:
         method = self.method_params()
@@ -373,14 +374,7 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
     def embedder(self) -> Embedder:
         """The fitted :class:`Embedder` (images -> embeddings), with this model's runtime options."""
         self._check_fitted()
-        return self.embedder_.set_params(
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            precision=method_precision(self.precision, self.method_params()["normalize"]),
-            progress=self.progress,
-            skip_bad=self.skip_bad,
-            runtime=self.runtime,
-        )
+        return self.embedder_.set_params(**self._run_options())
 
     @property
     def detector(self) -> KNNDetector:

@@ -238,13 +238,19 @@ def openvino_cache_path(backbone: nn.Module, cache_dir: str | os.PathLike | None
                         piece: Any = None) -> Path:
     """``<cache>/openvino/<name>-<digest>[-<part>].xml`` (with its ``.bin``), keyed like the ONNX export plus
     the OpenVINO version and, for a piece of a split network (:func:`bf16_parts`), which piece
-    (``piece``: anything that identifies its layers, e.g. input shape and parameter count)."""
+    (``piece``: anything that identifies its layers, e.g. :func:`_layer_shapes`)."""
     import openvino as ov
 
     root = Path(cache_dir) if cache_dir else onnx_cache_dir().parent / "openvino"
     safe_name = backbone.config.name.replace(":", "_").replace("/", "_")
     digest = export_cache_key(backbone, openvino=ov.__version__, part=part, piece=piece)
     return root / f"{safe_name}-{digest}{'-' + part if part else ''}.xml"
+
+
+def _layer_shapes(module: nn.Module) -> str:
+    """A digest of a piece's parameter and buffer names and shapes: which layers it holds, without running it."""
+    shapes = [[name, list(t.shape)] for name, t in module.state_dict().items()]
+    return hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
 
 
 def export_openvino(module: nn.Module, path: str | os.PathLike, example: torch.Tensor) -> Path:
@@ -378,22 +384,20 @@ def openvino_backbone(backbone: nn.Module, precision: str = "fp32",
         return None
     try:
         pieces = openvino_pieces(backbone, precision)
-        crop = backbone.config.preprocessing.crop
-        examples = [torch.zeros(2, 3, crop, crop)]  # each piece's example input: the previous one's output
-        with torch.no_grad():
-            for _, module, _ in pieces[:-1]:
-                examples.append(module(examples[-1]))
-        paths = [
-            openvino_cache_path(backbone, cache_dir, part,
-                                piece=None if not part else [list(x.shape[1:]), sum(p.numel() for p in module.parameters())])
-            for (part, module, _), x in zip(pieces, examples)
-        ]
+        paths = [openvino_cache_path(backbone, cache_dir, part, piece=_layer_shapes(module) if part else None)
+                 for part, module, _ in pieces]
         cached = getattr(backbone, "_dn2_openvino", None)
         if isinstance(cached, OpenVinoBackbone) and cached.paths == paths and cached.precisions == [p for *_, p in pieces]:
             return cached
-        for path, (_, module, _), example in zip(paths, pieces, examples):
-            if not (path.is_file() and path.with_suffix(".bin").is_file()):
+        missing = [not (path.is_file() and path.with_suffix(".bin").is_file()) for path in paths]
+        crop = backbone.config.preprocessing.crop
+        example = torch.zeros(2, 3, crop, crop)  # each piece's example input is the previous piece's output
+        for i, (path, (_, module, _)) in enumerate(zip(paths, pieces)):
+            if missing[i]:
                 export_openvino(module, path, example)
+            if any(missing[i + 1:]):
+                with torch.no_grad():
+                    example = module(example)
         pre = backbone.config.preprocessing
         runner = OpenVinoBackbone([(path, p) for path, (*_, p) in zip(paths, pieces)], pre.mean, pre.std)
     except Exception as e:  # noqa: BLE001 - any conversion/compile failure means: use torch
