@@ -5,7 +5,7 @@ needs a float64 copy), 10^4 queries, k = 2, DN2 score = mean distance to the k n
 (method, d, N) runs in its own subprocess, which generates the same data from the same seeds and
 reports fit and search time and the peak resident memory above the data (RSS polled every 5 ms).
 Scores are compared with dn2 exact (max relative difference); approximate indexes (dn2.search
-make_index "ivf", "hnsw", "ivfpq") report recall@k of the exact neighbours and their search
+make_index "ivf", "ivf_faiss", "hnsw", "ivfpq") report recall@k of the exact neighbours and their search
 throughput relative to dn2 exact. A method is skipped at a size where its time, extrapolated from
 the previous size (PyOD's fit scores its own training set, so quadratically), exceeds --max-seconds.
 
@@ -32,14 +32,15 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 EXACT_METHODS = ("dn2", "dn2_fp32", "sklearn", "pyod", "faiss_flat")
-APPROX_METHODS = ("ivf", "hnsw", "ivfpq")
+APPROX_METHODS = ("ivf", "ivf_faiss", "hnsw", "ivfpq")
 LABELS = {
     "dn2": "dn2 exact, default (`knn`, precision auto)",
     "dn2_fp32": "dn2 exact, fp32 screening (`knn(precision='fp32')`)",
     "sklearn": "scikit-learn NearestNeighbors(brute)",
     "pyod": "PyOD KNN(method='mean')",
     "faiss_flat": "FAISS IndexFlatL2",
-    "ivf": "dn2 make_index('ivf')",
+    "ivf": "dn2 make_index('ivf') (batched IVF)",
+    "ivf_faiss": "dn2 make_index('ivf_faiss') (FAISS IndexIVFFlat)",
     "hnsw": "dn2 make_index('hnsw')",
     "ivfpq": "dn2 make_index('ivfpq')",
 }

@@ -242,7 +242,8 @@ def test_search_self_drops_last_column_when_self_not_returned():
 @pytest.mark.parametrize(
     "kind, params",
     [("exact", {"chunk_size": 64}), ("exact", {"precision": "bf16"}), ("flat", {}), ("ivf", {}),
-     ("ivf", {"nlist": 8, "nprobe": 2}), ("hnsw", {}), ("ivfpq", {})],
+     ("ivf", {"nlist": 20, "nprobe": 4}), ("ivf", {"precision": "bf16"}), ("ivf_faiss", {}),
+     ("ivf_faiss", {"nlist": 8, "nprobe": 2}), ("hnsw", {}), ("ivfpq", {})],
 )
 def test_indexes_recall_on_clustered_data(kind, params):
     train, queries = clustered(2000), clustered(100, seed=5)
@@ -306,12 +307,10 @@ def test_kmeans_edge_cases():
         kmeans(X, 0)
 
 
-def test_ivf_trains_on_a_sample_of_large_training_sets():
-    from dn2.search import make_index
-
+def test_faiss_ivf_trains_on_a_sample_of_large_training_sets():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(3000, 16)).astype(np.float32)
-    index = make_index("ivf", nlist=4, nprobe=4, train_rows=500).fit(X)
+    index = make_index("ivf_faiss", nlist=4, nprobe=4, train_rows=500).fit(X)
     assert len(index._training_sample(X)) == 500 and index.ntotal == 3000  # every row is still indexed
     dist, idx = index.search(X[:5], 1)
     np.testing.assert_array_equal(idx[:, 0], np.arange(5))  # nprobe = nlist: exhaustive, exact

@@ -218,14 +218,18 @@ def _screen(
 
 
 def _rerank(
-    t: torch.Tensor, q: torch.Tensor, cand: torch.Tensor, k: int, step: int, dist_out: np.ndarray, idx_out: np.ndarray
+    t: torch.Tensor, q: torch.Tensor, cand: torch.Tensor, k: int, step: int, dist_out: np.ndarray, idx_out: np.ndarray,
+    valid: torch.Tensor | None = None,
 ) -> None:
     """Write the k nearest of each query row's candidates by exact fp32 ||q - t|| into dist_out / idx_out.
 
     Candidates are sorted by index first, then stably by distance: ties break towards the lower index.
     Rows are processed `step` at a time through one reused (step, n_cand, dim) buffer of gathered rows.
+    `valid` (bool, like `cand`) marks padding candidates (False) that must never be returned: each
+    row needs at least k valid ones.
     """
-    cand = torch.sort(cand, dim=1).values
+    cand, order = torch.sort(cand, dim=1)
+    invalid = None if valid is None else ~torch.gather(valid, 1, order)
     m, n_cand = cand.shape
     gathered = torch.empty(min(step, m) * n_cand * t.shape[1], dtype=torch.float32)
     for r in range(0, m, step):
@@ -234,6 +238,8 @@ def _rerank(
         torch.index_select(t, 0, c.reshape(-1), out=diff.view(-1, t.shape[1]))
         diff.sub_(q[r : r + len(c), None, :])  # float32 differences carry no cancellation error
         exact = torch.linalg.vector_norm(diff, dim=2)
+        if invalid is not None:
+            exact[invalid[r : r + len(c)]] = float("inf")
         order = torch.sort(exact, dim=1, stable=True).indices[:, :k]
         dist_out[r : r + len(c)] = torch.gather(exact, 1, order).numpy()
         idx_out[r : r + len(c)] = torch.gather(c, 1, order).numpy()
@@ -389,15 +395,20 @@ class ExactIndex:
 
 _FAISS_PARAMS = {
     "flat": set(),
-    "ivf": {"nlist", "nprobe", "train_rows"},
+    "ivf_faiss": {"nlist", "nprobe", "train_rows"},
     "ivfpq": {"nlist", "nprobe", "m", "nbits", "k_factor", "train_rows"},
     "hnsw": {"M", "ef_search", "ef_construction"},
 }
-INDEX_KINDS = ("exact", *_FAISS_PARAMS)
+_IVF_PARAMS = {"nlist", "nprobe", "train_rows", "precision"}
+INDEX_KINDS = ("exact", "ivf", *_FAISS_PARAMS)
 
 
 class FaissIndex:
-    """A FAISS index of one kind ("flat", "ivf", "ivfpq", "hnsw"); parameters are checked, defaults scale with N."""
+    """A FAISS index of one kind ("flat", "ivf_faiss", "ivfpq", "hnsw"); parameters are checked, defaults scale with N.
+
+    "ivf_faiss" is FAISS' IndexIVFFlat, kept for comparison: dn2's own "ivf" (:class:`dn2.ivf.IvfIndex`)
+    searches the same kind of index cell by cell with matrix products, many times faster (BENCHMARKS.md).
+    """
 
     def __init__(self, kind: str, **params) -> None:
         if faiss is None:
@@ -429,7 +440,7 @@ class FaissIndex:
             raise ValueError(f"nlist must be between 1 and the number of training rows ({n}), got {nlist}")
         self._nlist = nlist
         quantizer = faiss.IndexFlatL2(d)
-        if self.kind == "ivf":
+        if self.kind == "ivf_faiss":
             index = faiss.IndexIVFFlat(quantizer, d, nlist)
         else:
             m = int(p.get("m", max(k for k in range(1, max(1, d // 8) + 1) if d % k == 0)))
@@ -497,12 +508,28 @@ class FaissIndex:
 
 
 def make_index(kind: str = "exact", **params) -> ExactIndex | FaissIndex:
-    """Create an unfitted index: "exact" (torch; chunk_size, precision), "flat", "ivf", "ivfpq" or "hnsw" (faiss)."""
+    """Create an unfitted index: "exact" (chunk_size, precision), "ivf" (dn2's batched IVF: nlist, nprobe,
+    train_rows, precision) or a FAISS kind "flat", "ivf_faiss", "ivfpq", "hnsw".
+
+    Example:
+        >>> import numpy as np
+        >>> X = np.random.default_rng(0).normal(size=(1000, 16)).astype(np.float32)
+        >>> dist, idx = make_index("exact").fit(X).search(X[:2], k=1)
+        >>> idx.ravel().tolist(), dist.ravel().tolist()
+        ([0, 1], [0.0, 0.0])
+    """
     if kind == "exact":
         unknown = set(params) - {"chunk_size", "precision"}
         if unknown:
             raise ValueError(f"unknown parameters for 'exact': {sorted(unknown)}; allowed: ['chunk_size', 'precision']")
         return ExactIndex(**params)
+    if kind == "ivf":
+        unknown = set(params) - _IVF_PARAMS
+        if unknown:
+            raise ValueError(f"unknown parameters for 'ivf': {sorted(unknown)}; allowed: {sorted(_IVF_PARAMS)}")
+        from .ivf import IvfIndex  # ivf builds on this module's helpers
+
+        return IvfIndex(**params)
     if kind not in _FAISS_PARAMS:
         raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
     return FaissIndex(kind, **params)
