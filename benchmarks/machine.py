@@ -7,7 +7,6 @@ import os
 import platform
 import shlex
 import sys
-import time
 
 
 def cpu_model_and_flags() -> tuple[str, list[str]]:
@@ -25,20 +24,6 @@ def cpu_model_and_flags() -> tuple[str, list[str]]:
         pass
     wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
     return model, [f for f in wanted if f in flags]
-
-
-def matmul_gflops(seconds: float = 1.0, n: int = 1024, dtype: str = "fp32") -> float:
-    """Measured matrix-multiply throughput of torch on this machine (GFLOP/s, fp32 or bf16): the compute roof."""
-    import torch
-
-    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
-    a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
-    a @ b
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
 
 
 def header(title: str) -> str:

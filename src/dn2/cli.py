@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contamination", type=float, default=None, help="expected fraction of anomalies in the training images")
     p.add_argument("--fpr", type=float, default=0.05, help="target false-positive rate on normal images (default 0.05)")
     p.add_argument("--n-centres", type=int, default=None, help="compress the training set to this many k-means centres")
-    p.add_argument("--index", default="exact", help="search: exact (default), flat, ivf, ivfpq, hnsw")
+    p.add_argument("--index", default="exact", help="search: exact (default), ivf (approximate, for very large training sets), or FAISS: "
+                        "flat, ivf_faiss, ivfpq, hnsw")
     p.add_argument("--force", action="store_true", help="overwrite an existing model file")
     _add_runtime_options(p)
     p.set_defaults(func=cmd_fit)

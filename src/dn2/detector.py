@@ -91,8 +91,9 @@ class KNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
             quantile of the leave-one-out scores of the kept training items.
         n_centres: if set, replace the training set by this many k-means centres (the paper's
             speed-up; the model size no longer grows with the training set).
-        index: search backend, ``"exact"`` or a FAISS kind (``"flat"``, ``"ivf"``, ``"ivfpq"``,
-            ``"hnsw"``); ``index_params`` are passed to it.
+        index: search backend, ``"exact"``, ``"ivf"`` (dn2's approximate inverted file, for very
+            large training sets) or a FAISS kind (``"flat"``, ``"ivf_faiss"``, ``"ivfpq"``,
+            ``"hnsw"``); ``index_params`` are passed to it (see :func:`dn2.search.make_index`).
         normalize: embedding transform applied to training and query embeddings before the
             search (see :mod:`dn2.normalize`): ``"none"`` (the paper), ``"l2"`` (cosine),
             ``"sqrt_l2"`` (Hellinger), ``"centred_l2"``, ``"standardise"``, ``"whiten"``.
