@@ -41,11 +41,12 @@ def test_recall_and_exact_distances_with_few_cells_visited(precision):
 
 
 def test_cells_and_query_groups_taken_in_blocks(monkeypatch):
-    # A few huge cells screened in blocks of 7 rows for groups of 5 queries give the same answer.
+    # A few huge cells screened in blocks of 7 rows, for groups of 5 queries, in chunks of 13, give the same answer.
     train, queries = blobs(600, dim=8, centres=3), blobs(40, dim=8, centres=3, seed=1)
     expected = IvfIndex(nlist=3, nprobe=3, precision="fp32").fit(train).search(queries, 4)
     monkeypatch.setattr(ivf, "_CELL_BLOCK", 7)
     monkeypatch.setattr(ivf, "_QUERY_GROUP", 5)
+    monkeypatch.setattr(ivf, "_QUERY_CHUNK", 13)
     for precision in PRECISIONS:
         dist, idx = IvfIndex(nlist=3, nprobe=3, precision=precision).fit(train).search(queries, 4)
         np.testing.assert_array_equal(idx, expected[1])
