@@ -90,6 +90,15 @@ def test_faiss_flat_index_gives_the_same_scores(data):
     assert flat.threshold_ == pytest.approx(exact.threshold_, rel=1e-4)
 
 
+def test_ivf_index_visiting_every_cell_gives_the_exact_scores_and_cleaning(data):
+    train, test = data
+    exact = KNNDetector(k=2, clean=0.5).fit(train)
+    ivf = KNNDetector(k=2, clean=0.5, index="ivf", index_params={"nlist": 4, "nprobe": 4}).fit(train)
+    np.testing.assert_array_equal(ivf.kept_, exact.kept_)
+    np.testing.assert_allclose(ivf.anomaly_score(test), exact.anomaly_score(test), rtol=1e-5)
+    assert ivf.threshold_ == pytest.approx(exact.threshold_, rel=1e-5)
+
+
 def test_errors_are_clear(data):
     train, test = data
     with pytest.raises(NotFittedError):
