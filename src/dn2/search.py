@@ -112,7 +112,7 @@ def _tile_rows(
     """(queries per chunk, train rows per block, queries per re-ranking step) keeping temporaries <= MEMORY_BUDGET.
 
     A quarter of the budget for the query chunk (centred fp32 copy, bf16 copy, candidate lists), half
-    for the (chunk x block) screening tile (fp32, plus for bf16 the bf16 product and the bf16 train
+    for the (chunk x block) screening tile (fp32, or for bf16 the bf16 product and the bf16 train
     block), a quarter for the gathered candidate rows of one re-ranking step. Within that, a train block
     holds about _TRAIN_BLOCK_BYTES in the matmul's dtype (4096 fp32 or 8192 bf16 rows at dim 2048):
     at 2000 x 100k x 2048, fp32 blocks of 8192 rows were 15% slower, bf16 blocks of 4096 3% slower.
@@ -123,7 +123,7 @@ def _tile_rows(
     per_query = dim * (6 if bf16 else 4) + 48 * n_cand
     q_rows = chunk_size or max(1, min(QUERY_CHUNK, n_q, MEMORY_BUDGET // 4 // per_query))
     row_bytes = 2 * (dim + 4) if bf16 else 4 * dim
-    per_train = q_rows * (6 if bf16 else 4) + (row_bytes if bf16 else 0)
+    per_train = q_rows * (2 if bf16 else 4) + (row_bytes if bf16 else 0)
     t_rows = block_rows or max(1, min(n_train, _TRAIN_BLOCK_BYTES // row_bytes, MEMORY_BUDGET // 2 // per_train))
     r_rows = max(1, min(q_rows, MEMORY_BUDGET // 4 // (4 * n_cand * dim)))
     return q_rows, t_rows, r_rows
@@ -161,7 +161,7 @@ def _screen(
     """
     m, (n_train, dim) = qc.shape[0], t.shape
     rows = min(block_rows, n_train)
-    tile = torch.empty(m * rows, dtype=torch.float32)
+    tile = None if bf16 else torch.empty(m * rows, dtype=torch.float32)
     if bf16:
         # bf16 keeps 8 significant bits (rounding error up to 2^-9 relative); the matmul accumulates in fp32
         # but rounds its output to bf16. Two error sources, each kept small:
@@ -189,8 +189,8 @@ def _screen(
     for b in range(0, n_train, block_rows):
         tb = t[b : b + block_rows]
         n = len(tb)
-        block = tile[: m * n].view(m, n)
         if not bf16:
+            block = tile[: m * n].view(m, n)
             torch.addmm(t_norms[b : b + n], qc, tb.T, alpha=-2.0, out=block)
         else:
             low = t_low[:n]
@@ -200,13 +200,15 @@ def _screen(
             _split_bf16(q_norms - r, q_low[:, dim : dim + 2])
             out = product[: m * n].view(m, n)
             torch.mm(q_low, low.T, out=out)
-            block.copy_(out).add_(r[:, None])
+            block = out  # ranked in bf16 as computed: no fp32 copy of the tile (r is added to the winners)
         if self_start is not None:
             rows_q = torch.arange(m)
             cols = rows_q + (self_start - b)  # train index of query row j is self_start + j
             inside = (cols >= 0) & (cols < n)
             block[rows_q[inside], cols[inside]] = float("inf")
         v, i = torch.topk(block, min(n_cand, n), dim=1, largest=False, sorted=False)
+        if bf16:
+            v = v.float().add_(r[:, None])
         best_v, best_i = torch.cat([best_v, v], dim=1), torch.cat([best_i, i.add_(b)], dim=1)
         if best_v.shape[1] > n_cand:
             best_v, j = torch.topk(best_v, n_cand, dim=1, largest=False, sorted=False)
