@@ -113,3 +113,15 @@ def test_fit_takes_a_preset_and_overrides(image_folders, tmp_path, capsys):
     model = dn2.load(path)
     assert model.method_params() == {"backbone": "efficientnet_lite0", "k": 3, "normalize": "l2", "stages": (), "flip": False}
     assert model.detector.normalize == "l2"
+
+
+def test_fit_with_the_approximate_index_and_its_parameters(image_folders, tmp_path, capsys):
+    path = tmp_path / "ivf.dn2"
+    assert main(["fit", str(image_folders["normal"]), "-o", str(path), "--quiet", "--index", "ivf",
+                 "--index-param", "nlist=2", "--index-param", "nprobe=2"]) == 0
+    model = dn2.load(path)
+    assert model.detector.index == "ivf" and model.detector.index_params == {"nlist": 2, "nprobe": 2}
+    assert len(model.detector.index_.centres_) == 2  # rebuilt with the saved parameters on load
+    assert main(["fit", str(image_folders["normal"]), "-o", str(tmp_path / "x.dn2"), "--quiet", "--index", "ivf",
+                 "--index-param", "nprob=2"]) == 2
+    assert "nprob" in capsys.readouterr().err and not (tmp_path / "x.dn2").exists()

@@ -43,12 +43,27 @@ def _inputs(values: Sequence[str]) -> str | list[str]:
     return values[0] if len(values) == 1 else list(values)
 
 
+def _index_params(items: Sequence[str]) -> dict[str, int | str]:
+    """['nprobe=32', 'precision=fp32'] -> {'nprobe': 32, 'precision': 'fp32'}; make_index checks the names."""
+    params: dict[str, int | str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"--index-param takes KEY=VALUE, got {item!r}")
+        value = value.strip()
+        params[key.strip()] = int(value) if value.lstrip("-").isdigit() else value
+    return params
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from .detector import DN2
+    from .search import make_index
 
     out = Path(args.output)
     if out.exists() and not args.force:  # fail before the (long) embedding, not after
         raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    index_params = _index_params(args.index_param)
+    make_index(args.index, **index_params)  # unknown kinds or parameters fail now, not after embedding
     stages = tuple(int(v) for v in args.stages.split(",") if v.strip()) if args.stages is not None else None
     model = DN2(
         preset=args.preset,
@@ -63,6 +78,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         fpr=args.fpr,
         n_centres=args.n_centres,
         index=args.index,
+        index_params=index_params or None,
         batch_size=args.batch_size,
         num_workers=args.workers,
         precision=args.precision,
@@ -161,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-centres", type=int, default=None, help="compress the training set to this many k-means centres")
     p.add_argument("--index", default="exact", help="search: exact (default), ivf (approximate, for very large training sets), or FAISS: "
                         "flat, ivf_faiss, ivfpq, hnsw")
+    p.add_argument("--index-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="index parameter, repeatable: e.g. --index ivf --index-param nprobe=32 (integers or fp32/bf16)")
     p.add_argument("--force", action="store_true", help="overwrite an existing model file")
     _add_runtime_options(p)
     p.set_defaults(func=cmd_fit)
