@@ -5,7 +5,7 @@
     eager, no dn2 (so no malloc tuning);
 (b) dn2 torch fp32 (``dn2.features.extract(runtime="torch", precision="fp32")``);
 (c) dn2 OpenVINO fp32 (``runtime="openvino", precision="fp32"``);
-(d) dn2 torch bf16 (``runtime="torch", precision="bf16"``: autocast, early layers and head in fp32);
+(d) dn2 torch bf16 (``runtime="torch", precision="bf16"``: autocast, early layers in fp32);
 (e) dn2's default (``runtime="auto", precision="auto"``: OpenVINO, bf16 on CPUs with native bf16).
 
 Each pipeline runs in its own subprocess on the same images (the first ``n`` files in ImageFolder
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     pipelines = {
         "b": ("dn2 torch fp32 (b)", "torch", "fp32", None),
         "c": ("dn2 OpenVINO fp32 (c)", "openvino", "fp32", None),
-        "d": ("dn2 torch bf16, early layers and head fp32 (d)", "torch", "bf16", None),
+        "d": ("dn2 torch bf16, early layers fp32 (d)", "torch", "bf16", None),
         "e": ("dn2 default: runtime=auto, precision=auto (e)", "auto", "auto", args.fast_batch),
     }
     tmp = Path(tempfile.mkdtemp(prefix="dn2-extraction-"))

@@ -7,7 +7,7 @@ Three tables:
    oneDNN convolutions of ResNet-shaped layers (channels-last, batch 32). The best of these is the
    compute roof: a network cannot run faster than FLOPs / peak, even before decoding any image.
 3. Model-only img/s of the backbone (random weights, uint8 crops already in memory) in dn2's OpenVINO
-   runner: fp32, bf16 with dn2's accuracy guard (early layers and head fp32, the default) and bf16 in
+   runner: fp32, bf16 with dn2's accuracy guard (early layers fp32, the default) and bf16 in
    every layer, with the fraction of the roof reached.
 
 Usage (about 3 minutes on 2 cores):
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     for backbone in args.backbones.split(","):
         gflop = count_gflop(backbone)
         roof = {name: peaks[name] / gflop for name in peaks}
-        for label, precision, guard in (("fp32", "fp32", True), ("bf16, early layers + head fp32 (dn2 default)",
+        for label, precision, guard in (("fp32", "fp32", True), ("bf16, early layers fp32 (dn2 default)",
                                                                    "bf16", True), ("bf16 every layer", "bf16", False)):
             rate = model_rate(backbone, precision, guard, args.batch, args.seconds)
             print(f"| {backbone} | {gflop:.2f} | {roof['fp32']:.0f} | {roof['bf16']:.0f} | {label} | {rate:.1f} | "

@@ -168,7 +168,7 @@ def extract(
     ``runtime`` is "openvino", "torch", "onnx" (ONNX Runtime, fp32 only) or "auto" (OpenVINO when
     installed; see :mod:`dn2.runtime`); a failed conversion falls back to torch with a warning.
     ``precision="auto"`` is bf16 on CPUs with native bf16, else fp32; in both runtimes bf16 keeps the
-    early high-resolution layers and the head in fp32 (:data:`dn2.runtime.BF16_FP32_PARTS`).
+    early high-resolution layers in fp32 (:data:`dn2.runtime.BF16_FP32_PARTS`).
     ``batch_size=None`` uses the runtime's measured best.
     """
     source = as_source(images)

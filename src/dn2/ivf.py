@@ -247,10 +247,4 @@ class IvfIndex:
 
     def search_self(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Leave-one-out: search k+1 and drop each row's own index (or the last column if self is absent)."""
-        X = self._fitted()
-        _s._check_k(k, len(X) - 1, "leave-one-out needs k <= ntotal - 1")
-        dist, idx = self.search(X, k + 1)
-        drop = idx == np.arange(len(idx))[:, None]
-        drop[~drop.any(axis=1), -1] = True
-        keep = ~drop
-        return dist[keep].reshape(-1, k), idx[keep].reshape(-1, k)
+        return _s._leave_one_out(self, self._fitted(), k)

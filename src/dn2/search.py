@@ -501,12 +501,18 @@ class FaissIndex:
         """Leave-one-out: search k+1 and drop each row's own index (or the last column if self is absent)."""
         if self._X is None:
             raise RuntimeError("index is not fitted: call fit(X) first")
-        _check_k(k, self.ntotal - 1, "leave-one-out needs k <= ntotal - 1")
-        dist, idx = self.search(self._X, k + 1)
-        drop = idx == np.arange(len(idx))[:, None]
-        drop[~drop.any(axis=1), -1] = True
-        keep = ~drop
-        return dist[keep].reshape(-1, k), idx[keep].reshape(-1, k)
+        return _leave_one_out(self, self._X, k)
+
+
+def _leave_one_out(index, X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """search_self of an approximate index: search X for k+1 and drop each row's own index (or, where the
+    row itself was not found, the last column)."""
+    _check_k(k, len(X) - 1, "leave-one-out needs k <= ntotal - 1")
+    dist, idx = index.search(X, k + 1)
+    drop = idx == np.arange(len(idx))[:, None]
+    drop[~drop.any(axis=1), -1] = True
+    keep = ~drop
+    return dist[keep].reshape(-1, k), idx[keep].reshape(-1, k)
 
 
 def make_index(kind: str = "exact", **params) -> ExactIndex | FaissIndex:
