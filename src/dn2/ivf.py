@@ -213,7 +213,8 @@ class IvfIndex:
             sel = torch.from_numpy(rows)
             vals, cands = best_v.index_select(0, sel), best_i.index_select(0, sel)
             d_f, i_f = dist[rows], idx[rows]  # +inf slots: padding of cells with fewer than n_cand rows
-            _s._rerank(_s._to_torch(X), q.index_select(0, sel), cands, k, 256, d_f, i_f, valid=torch.isfinite(vals))
+            step = _s._rerank_step(cands.shape[1], Q.shape[1])
+            _s._rerank(_s._to_torch(X), q.index_select(0, sel), cands, k, step, d_f, i_f, valid=torch.isfinite(vals))
             dist[rows], idx[rows] = d_f, i_f
         if not found.all():  # the probed cells hold fewer than k rows: search those queries exactly
             rows = np.nonzero(~found)[0]
