@@ -113,3 +113,13 @@ def test_trains_kmeans_on_a_sample_but_indexes_every_row():
     assert sorted(index.order_.tolist()) == list(range(5000))
     dist, idx = index.search(train[:5], 1)
     np.testing.assert_array_equal(idx[:, 0], np.arange(5))
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from dn2 import search
+
+    for module in (ivf, search):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

@@ -2,7 +2,7 @@
 
 The training rows are split into ``nlist`` cells by k-means; a query visits the ``nprobe`` cells whose
 centres are nearest. FAISS' IndexIVFFlat scans each (query, cell) pair on its own, which reads the
-cell from memory once per query: at 10^6 x 2048 float32 rows that is memory bound and only 1.5x faster
+cell from memory once per query: at 10^6 x 2048 float32 rows that is memory bound and only 1.3-1.5x faster
 than dn2's exact search (BENCHMARKS.md). Here all queries that visit a cell are gathered and screened
 against it with one matrix product (compute bound, bf16 on CPUs with native bf16), the cells' rows
 stored as residuals to their centre. The best k + margin candidates of each query are then re-ranked
