@@ -85,8 +85,7 @@ class IvfIndex:
 
     def __init__(self, nlist: int | None = None, nprobe: int = 16, train_rows: int | None = None,
                  precision: str = "auto") -> None:
-        if precision not in _s.SCREENING_PRECISIONS:
-            raise ValueError(f"precision must be one of {_s.SCREENING_PRECISIONS}, got {precision!r}")
+        _s._check_precision(precision)
         for name, value in (("nlist", nlist), ("nprobe", nprobe), ("train_rows", train_rows)):
             if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -111,18 +110,8 @@ class IvfIndex:
         nlist = self.nlist or default_nlist(n)
         if nlist > n:
             raise ValueError(f"nlist must be between 1 and the number of training rows ({n}), got {nlist}")
-        limit = self.train_rows or max(64 * nlist, 20000)
-        sample = X
-        if n > limit:
-            rows = np.sort(np.random.default_rng(0).choice(n, size=limit, replace=False))
-            sample = np.ascontiguousarray(X[rows])
-        centres = _s.kmeans(sample, nlist)  # also the NaN/inf check of the sample
-        for s in range(0, n, 65536):  # chunked: no N x dim boolean temporary
-            if not np.isfinite(X[s : s + 65536]).all():
-                raise ValueError("X contains NaN or infinite values")
-        from . import runtime  # lazy, as in dn2.search
-
-        self.bf16_ = self.precision == "bf16" or (self.precision == "auto" and runtime.cpu_supports_bf16())
+        centres = _s.kmeans(_s._training_rows(X, nlist, self.train_rows), nlist)  # NaN/inf in the sample: raises
+        self.bf16_ = self.precision == "bf16" or (self.precision == "auto" and _s._native_bf16())
         assign = _nearest_centres(X, centres, 1, self.bf16_)[:, 0]
         order = np.argsort(assign, kind="stable")
         counts = np.bincount(assign, minlength=nlist)
@@ -142,6 +131,7 @@ class IvfIndex:
                 res = t.index_select(0, order_t[s:e]) - c[lst]
                 norms[s:e] = torch.linalg.vector_norm(res, dim=1).square_()
                 store[s:e, :dim] = res
+        _s._check_finite_norms(norms, t, "X", rows=order_t)  # NaN/inf rows anywhere (the sample was checked)
         if self.bf16_:  # [t - c | 1, 1 | ||t - c||^2 (hi, lo)], see dn2.search._screen
             store[:, dim : dim + 2] = 1.0
             _s._split_bf16(norms, store[:, dim + 2 :])

@@ -18,8 +18,8 @@ BENCHMARKS.md); the embeddings agree with PyTorch fp32 to about 1e-5 relative. I
 session fails, dn2 warns and uses PyTorch.
 
 With PyTorch, ``precision="bf16"`` runs the network under CPU bf16 autocast, except the same early
-layers and head, which stay in fp32 (:func:`mixed_bf16`): rounding errors made at high resolution
-are amplified by every later layer, and the pooled embedding keeps full precision. ``"auto"`` picks bf16 only on CPUs with native bf16 instructions (AVX-512 BF16 or AMX);
+layers, which stay in fp32 (:func:`mixed_bf16`): rounding errors made at high resolution are
+amplified by every later layer. ``"auto"`` picks bf16 only on CPUs with native bf16 instructions (AVX-512 BF16 or AMX);
 elsewhere bf16 is emulated and many times slower than fp32.
 
 Example:

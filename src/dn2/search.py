@@ -73,12 +73,44 @@ def _sq_norms(x: torch.Tensor, centre: torch.Tensor, name: str) -> torch.Tensor:
     out = torch.empty(x.shape[0], dtype=torch.float32)
     for s, c in _row_chunks(x):
         out[s : s + len(c)] = torch.linalg.vector_norm(c - centre, dim=1).square_()
-    if not bool(torch.isfinite(out).all()):
-        bad = int(torch.nonzero(~torch.isfinite(out))[0, 0])
-        if not bool(torch.isfinite(x[bad]).all()):
-            raise ValueError(f"{name} contains NaN or infinite values (first at row {bad})")
-        raise ValueError(f"{name} has values too large for float32 distances (row {bad})")
+    _check_finite_norms(out, x, name)
     return out
+
+
+def _check_finite_norms(norms: torch.Tensor, x: torch.Tensor, name: str, rows: torch.Tensor | None = None) -> None:
+    """ValueError naming a row if a squared norm is not finite: NaN/inf in `x`, or values too large for
+    float32 distances. `rows` maps positions in `norms` to rows of `x` (None: the same order)."""
+    finite = torch.isfinite(norms)
+    if bool(finite.all()):
+        return
+    bad = int(torch.nonzero(~finite)[0, 0])
+    row = bad if rows is None else int(rows[bad])
+    if not bool(torch.isfinite(x[row]).all()):
+        raise ValueError(f"{name} contains NaN or infinite values (row {row})")
+    raise ValueError(f"{name} has values too large for float32 distances (row {row})")
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in SCREENING_PRECISIONS:
+        raise ValueError(f"precision must be one of {SCREENING_PRECISIONS}, got {precision!r}")
+
+
+def _native_bf16() -> bool:
+    """True when the CPU has native bf16 instructions (elsewhere torch emulates bf16, many times slower)."""
+    from . import runtime  # lazy: torch-only module, but keeps `import dn2.search` light and cycle-free
+
+    return runtime.cpu_supports_bf16()
+
+
+def _training_rows(X: np.ndarray, nlist: int, train_rows: int | None = None) -> np.ndarray:
+    """Rows to train an IVF's k-means (and PQ) on: at most train_rows (default max(64 * nlist, 20000)), a
+    fixed random subset. k-means on all of 10^6 x 2048 rows would take an hour; 64 rows per list is what
+    FAISS itself needs for stable centres (it warns below 39)."""
+    limit = int(train_rows or max(64 * nlist, 20000))
+    if len(X) <= limit:
+        return X
+    rows = np.sort(np.random.default_rng(0).choice(len(X), size=limit, replace=False))
+    return np.ascontiguousarray(X[rows])
 
 
 def _check_k(k: int, available: int, what: str) -> None:
@@ -97,15 +129,12 @@ def screening_precision(precision: str, n_queries: int, n_train: int, dim: int) 
     saves (benchmarks/search.py on an AVX-512 BF16 CPU, 10^4 queries: bf16 1.1x slower than fp32 at
     1.3-2e10, 1.7-1.9x faster at 1.3-2e11, 3x at 2e12; 3x at 2000 x 20000 x 2048 = 8e10 in development).
     """
-    if precision not in SCREENING_PRECISIONS:
-        raise ValueError(f"precision must be one of {SCREENING_PRECISIONS}, got {precision!r}")
+    _check_precision(precision)
     if precision != "auto":
         return precision
     if n_queries * n_train * dim < _BF16_MIN_WORK:
         return "fp32"
-    from . import runtime  # lazy: torch-only module, but keeps `import dn2.search` light and cycle-free
-
-    return "bf16" if runtime.cpu_supports_bf16() else "fp32"
+    return "bf16" if _native_bf16() else "fp32"
 
 
 def _tile_rows(
@@ -290,8 +319,7 @@ def knn(
     self_search = queries is None or queries is train
     if exclude_self and not self_search:
         raise ValueError("exclude_self=True is leave-one-out over train: pass queries=None")
-    if precision not in SCREENING_PRECISIONS:
-        raise ValueError(f"precision must be one of {SCREENING_PRECISIONS}, got {precision!r}")
+    _check_precision(precision)
     train = _as_matrix(train, "train")
     if train.shape[0] == 0:
         raise ValueError("train is empty")
@@ -373,8 +401,7 @@ class ExactIndex:
     kind = "exact"
 
     def __init__(self, chunk_size: int | None = None, precision: str = "auto") -> None:
-        if precision not in SCREENING_PRECISIONS:
-            raise ValueError(f"precision must be one of {SCREENING_PRECISIONS}, got {precision!r}")
+        _check_precision(precision)
         self.chunk_size = chunk_size
         self.precision = precision
         self._X: np.ndarray | None = None
@@ -464,15 +491,8 @@ class FaissIndex:
         return index
 
     def _training_sample(self, X: np.ndarray) -> np.ndarray:
-        """Rows to train the coarse quantizer (and PQ) on: at most train_rows (default max(64 * nlist, 20000)),
-        a fixed random subset. k-means on all of 10^6 x 2048 rows would take an hour; 64 rows per list is
-        what FAISS itself needs for stable centres (it warns below 39)."""
-        nlist = getattr(self, "_nlist", 1)
-        limit = int(self.params.get("train_rows", max(64 * nlist, 20000)))
-        if len(X) <= limit:
-            return X
-        rows = np.sort(np.random.default_rng(0).choice(len(X), size=limit, replace=False))
-        return np.ascontiguousarray(X[rows])
+        """The rows the coarse quantizer (and PQ) train on: :func:`_training_rows`."""
+        return _training_rows(X, getattr(self, "_nlist", 1), self.params.get("train_rows"))
 
     def fit(self, X: np.ndarray) -> FaissIndex:
         X = _as_matrix(X, "X")
