@@ -51,9 +51,54 @@ def test_fpr_threshold_flags_that_share_of_new_normal_data():
 
 def test_contamination_flags_that_share_of_training_data():
     rng = np.random.default_rng(2)
-    det = KNNDetector(k=2, contamination=0.2)
+    det = KNNDetector(k=2, contamination=0.2, novelty=False)  # label the training items themselves
     labels = det.fit_predict(rng.normal(size=(500, 4)))
     assert (labels == -1).mean() == pytest.approx(0.2, abs=0.01)
+
+
+def test_fit_predict_is_offered_only_without_novelty_as_in_scikit_learn():
+    """fit_predict labels training items by leave-one-out scores, which differs from fit(X).predict(X):
+    like LocalOutlierFactor, a novelty detector does not offer it."""
+    X = np.random.default_rng(0).normal(size=(50, 3))
+    assert not hasattr(KNNDetector(), "fit_predict")
+    with pytest.raises(AttributeError) as error:
+        KNNDetector().fit_predict(X)
+    assert "novelty=False" in str(error.value.__cause__)  # says what to do instead
+    assert set(KNNDetector(novelty=False).fit_predict(X)) <= {1, -1}
+
+
+def test_passes_scikit_learns_estimator_checks():
+    from sklearn.utils.estimator_checks import check_estimator
+
+    results = check_estimator(KNNDetector(), on_fail=None)
+    failed = [(r["check_name"], str(r["exception"])[:200]) for r in results if r["status"] == "failed"]
+    assert failed == []
+
+
+def test_cleaning_uses_the_chosen_index_not_an_exact_all_pairs_search(data, monkeypatch):
+    """With index="ivf" the leave-one-out scores that decide what is cleaned come from the IVF index."""
+    from dn2.search import IvfIndex
+
+    train, _ = data
+    sizes = []
+    original = IvfIndex.search_self
+
+    def recording(self, k):
+        sizes.append(self.ntotal)
+        return original(self, k)
+
+    monkeypatch.setattr(IvfIndex, "search_self", recording)
+    KNNDetector(k=2, clean=0.5, index="ivf", index_params={"nlist": 4, "nprobe": 4}).fit(train)
+    assert sizes == [len(train), len(train) // 2]  # cleaning over all items, then the kept ones
+
+
+def test_clean_training_set_drops_the_largest_leave_one_out_scores():
+    from dn2.detector import clean_training_set
+
+    scores = np.array([0.3, 9.0, 0.1, 8.0, 0.2, 0.4])
+    assert clean_training_set(scores, 0.5, k=2).tolist() == [0, 2, 4]
+    assert clean_training_set(scores, 0.9, k=2).tolist() == [0, 2, 4]  # at least k + 1 are kept
+    assert clean_training_set(scores, 0.0, k=2).tolist() == list(range(6))
 
 
 def test_clean_drops_the_planted_anomalies():
@@ -109,8 +154,14 @@ def test_errors_are_clear(data):
         KNNDetector().fit(train).anomaly_score(test[:, :8])
     with pytest.raises(ValueError, match="NaN"):
         KNNDetector().fit(np.full((5, 3), np.nan))
-    with pytest.raises(ValueError, match="2-D"):
+    with pytest.raises(ValueError, match="2D array"):
         KNNDetector().fit(np.zeros(10))
+    with pytest.raises(ValueError, match="k must be an int in"):
+        KNNDetector(k=0).fit(train)
+    with pytest.raises(ValueError, match="fpr must be a number in"):
+        KNNDetector(fpr=2).fit(train)
+    with pytest.raises(ValueError, match="unknown parameters for 'ivf'|nprob"):
+        KNNDetector(index="ivf", index_params={"nprob": 3}).fit(train)
 
 
 def test_save_load_round_trip_gives_identical_scores(data, tmp_path):

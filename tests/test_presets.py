@@ -9,40 +9,42 @@ import torch
 import dn2
 from dn2 import DN2, Embedder
 from dn2.backbones import load_backbone, stage_modules
-from dn2.detector import PRESETS
+from dn2.settings import PRESETS, Method
 
 
 def test_paper_preset_is_the_papers_method():
-    method = DN2(preset="paper").method_params()
-    assert method == {"backbone": "efficientnet_lite0", "k": 2, "normalize": "none", "stages": (), "flip": False}
-    emb, det = DN2(preset="paper")._make_embedder(), DN2(preset="paper")._make_detector()
-    assert (emb.backbone, emb.stages, emb.flip) == ("efficientnet_lite0", (), False)
-    assert (det.k, det.normalize) == (2, "none")
+    assert DN2(preset="paper").method() == Method(backbone="efficientnet_lite0", k=2, normalize="none", stages=(),
+                                                  flip=False, precision="auto")
     pre = load_backbone("efficientnet_lite0", weights="random").config.preprocessing
     assert (pre.resize, pre.crop) == (256, 224)
 
 
 def test_best_preset_is_the_default_and_sets_its_documented_parameters():
     assert DN2().preset == "best"
-    method = DN2().method_params()
-    assert method == {**PRESETS["best"], "stages": tuple(PRESETS["best"]["stages"])}
-    det = DN2()._make_detector()
-    assert (det.k, det.normalize) == (PRESETS["best"]["k"], PRESETS["best"]["normalize"])
-    emb = DN2()._make_embedder()
-    assert (emb.backbone, emb.flip) == (PRESETS["best"]["backbone"], PRESETS["best"]["flip"])
+    assert DN2().method() == PRESETS["best"]
+    assert PRESETS["best"] == Method(backbone="efficientnet_lite0+efficientnet_lite2", k=2, normalize="sqrt_l2")
 
 
 def test_explicit_parameters_override_the_preset():
     model = DN2(preset="best", backbone="efficientnet_lite0", k=5, normalize="l2", flip=False, stages=(-1,))
-    assert model.method_params() == {
-        "backbone": "efficientnet_lite0", "k": 5, "normalize": "l2", "stages": (-1,), "flip": False,
-    }
-    assert DN2(preset="paper", normalize="sqrt_l2").method_params()["normalize"] == "sqrt_l2"
+    assert model.method() == Method(backbone="efficientnet_lite0", k=5, normalize="l2", stages=(-1,), flip=False)
+    assert DN2(preset="paper", normalize="sqrt_l2").method().normalize == "sqrt_l2"
 
 
-def test_unknown_preset_is_a_clear_error():
+def test_presets_are_frozen_and_overlaid_not_edited():
+    with pytest.raises(AttributeError):
+        PRESETS["best"].k = 7  # type: ignore[misc]
+    assert PRESETS["paper"].overlay(k=7, normalize=None) == Method(k=7)  # None keeps the preset's value
+    assert PRESETS["paper"].k == 2
+
+
+def test_unknown_preset_and_bad_settings_are_clear_errors():
     with pytest.raises(ValueError, match="preset must be one of"):
-        DN2(preset="fastest").method_params()
+        DN2(preset="fastest").method()
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        Method(normalize="cosine")
+    with pytest.raises(ValueError, match="k must be an int"):
+        Method(k=0)
 
 
 def test_paper_preset_scores_are_plain_dn2_bit_for_bit(image_folders):
@@ -58,8 +60,8 @@ def test_preset_model_round_trips_through_save_load(image_folders, tmp_path):
     test = sorted(image_folders["test"].rglob("*.*"))
     model = DN2(backbone="efficientnet_lite0", weights="random", stages=(-1,), progress=False).fit(image_folders["normal"])
     loaded = dn2.load(model.save(tmp_path / "m.dn2"))
-    assert loaded.method_params() == model.method_params()
-    assert loaded.detector.normalize == PRESETS["best"]["normalize"]
+    assert loaded.method_ == model.method_
+    assert loaded.detector.normalize == PRESETS["best"].normalize
     np.testing.assert_array_equal(loaded.anomaly_score(test), model.anomaly_score(test))
 
 
@@ -98,9 +100,23 @@ def test_identity_names_extraction_options_and_is_unchanged_without_them():
 def test_auto_precision_is_fp32_for_raw_features_and_bf16_capable_after_sqrt_l2():
     """bf16 extraction cost 0.22 ROCAUC points on raw features and 0.06 after sqrt_l2 (BENCHMARKS.md):
     precision='auto' only lets the unit-norm methods use it."""
-    from dn2 import DN2
+    assert DN2(preset="paper").method().extraction_precision() == "fp32"
+    assert DN2(preset="best").method().extraction_precision() == "auto"  # bf16 where the CPU has it natively
+    assert DN2(preset="paper", precision="bf16").method().extraction_precision() == "bf16"  # explicit wins
+    assert DN2(preset="paper", normalize="sqrt_l2").method().extraction_precision() == "auto"
 
-    assert DN2(preset="paper")._make_embedder().precision == "fp32"
-    assert DN2(preset="best")._make_embedder().precision == "auto"  # bf16 where the CPU has it natively
-    assert DN2(preset="paper", precision="bf16")._make_embedder().precision == "bf16"  # explicit wins
-    assert DN2(preset="paper", normalize="sqrt_l2")._make_embedder().precision == "auto"
+
+def test_the_fitted_precision_is_recorded_and_used_for_scoring(image_folders, tmp_path):
+    """A model scores in the precision it was fitted in, after save and load too; an explicit other
+    precision is honoured with a warning (dn2 score used to switch it silently)."""
+    from dn2.runtime import cpu_supports_bf16
+
+    model = DN2(preset="best", backbone="efficientnet_lite0", weights="random", progress=False)
+    model.fit(image_folders["normal"])
+    expected = "bf16" if cpu_supports_bf16() else "fp32"
+    assert model.method_.precision == expected
+    loaded = dn2.load(model.save(tmp_path / "m.dn2"))
+    assert loaded.method_.precision == expected and loaded.embedder.precision == expected
+    other = "fp32" if expected == "bf16" else "bf16"
+    with pytest.warns(UserWarning, match=f"made in {expected}"):
+        assert loaded.set_params(precision=other).embedder.precision == other

@@ -359,12 +359,13 @@ def load_backbone(
     ``stages`` adds the pooled features of earlier stages to the embedding (see :class:`Backbone`).
     """
     config = resolve_config(name)
-    torch.manual_seed(0)  # only matters for weights="random": the same network every time
     if weights is None and config.source == "timm":
         model = _timm_pretrained(config)
         weights_id = f"timm:{model.pretrained_cfg.get('hf_hub_id') or config.architecture}"
     else:
-        model = _build(config.architecture)
+        with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+            torch.manual_seed(0)  # only matters for weights="random": the same network every time
+            model = _build(config.architecture)
         if weights == "random":
             weights_id = "random:0"
         else:

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from .backbones import DEFAULT_BACKBONE, BackboneWeightsError, list_backbones
 from .bench import add_bench_parser
-from .detector import PRESETS
+from .settings import PRESETS
 from .features import PRECISIONS, RUNTIMES
 from .images import BadImageError
 from .modelfile import ModelFileError

@@ -4,7 +4,9 @@ Both follow scikit-learn's outlier-detector contract (as ``LocalOutlierFactor`` 
 parameters are only stored in ``__init__``, fitted state ends with ``_``, ``score_samples`` is
 higher for more normal items, ``decision_function = score_samples - offset_`` and ``predict``
 gives +1 (normal) / -1 (anomaly). ``anomaly_score`` is the paper's d(y): the mean Euclidean
-distance to the k nearest training embeddings (higher = more anomalous).
+distance to the k nearest training embeddings (higher = more anomalous). Like
+``LocalOutlierFactor(novelty=True)``, a detector scores *new* data by default; ``novelty=False``
+offers ``fit_predict``, the labels of the training items themselves from their leave-one-out scores.
 
 The threshold needs no labelled anomalies: it is a quantile of the leave-one-out scores of the
 training items, at ``1 - fpr`` (the expected false-positive rate on new normal images) or, when
@@ -22,60 +24,58 @@ Example:
 from __future__ import annotations
 
 import os
+import warnings
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.exceptions import NotFittedError
+from sklearn.utils.metaestimators import available_if
+from sklearn.utils.validation import validate_data
 
-from .backbones import DEFAULT_BACKBONE
+from .backbones import backbone_status
 from .base import ThresholdedScores
-from .features import Embedder, Embeddings
-from .normalize import EmbeddingTransform, make_transform, transform_from_state
-from .runtime import method_precision
-from .search import kmeans, knn, knn_score, make_index
+from .features import Embedder, Embeddings, backbone_names
+from .modelfile import ModelFileError, read_model_file, write_model
+from .normalize import NORMALIZATIONS, EmbeddingTransform, make_transform, transform_from_state
+from .params import Constraint, InstanceOf, Interval, Options, Predicate, TupleOf, validate
+from .runtime import RUNTIMES, resolve_precision
+from .search import INDEX_KINDS, kmeans, knn_score, make_index
+from .settings import PRECISION_CHOICES, PRESETS, Method, method_for
+
+__all__ = ["DN2", "KNNDetector", "Neighbours", "clean_training_set", "load"]
 
 Neighbours = list[list[tuple[str, float]]]
 
-#: Method settings of the presets of :class:`DN2`; an explicitly given parameter overrides them.
-#: ``paper``: the DN2 paper's method bit for bit (raw pooled last-stage features, Euclidean
-#: distance, k=2, resize 256 / crop 224), on the default offline backbone.
-#: ``best``: the most accurate training-free combination measured on CIFAR-10 (BENCHMARKS.md,
-#: "Beyond the paper"): the EfficientNet-Lite0 + Lite2 ensemble, each backbone's features
-#: Hellinger-normalised (signed square root + L2) on their own, k=2. Flip TTA and multi-stage
-#: pooling were measured and did not help, so they are off.
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {"backbone": DEFAULT_BACKBONE, "k": 2, "normalize": "none", "stages": (), "flip": False},
-    "best": {"backbone": "efficientnet_lite0+efficientnet_lite2", "k": 2, "normalize": "sqrt_l2", "stages": (), "flip": False},
-}
-PRESET_PARAMS = ("backbone", "k", "normalize", "stages", "flip")
 
+def clean_training_set(loo_scores: np.ndarray, fraction: float, k: int) -> np.ndarray:
+    """Indices (sorted) of the items kept after dropping ``fraction`` with the largest leave-one-out score.
 
-def _check_embeddings(X: Any, what: str = "X") -> np.ndarray:
-    X = np.asarray(X, dtype=np.float32)
-    if X.ndim != 2:
-        raise ValueError(f"{what} must be a 2-D array of embeddings (n_items, n_features), got shape {X.shape}")
-    if len(X) == 0:
-        raise ValueError(f"{what} is empty")
-    if not np.isfinite(X).all():
-        raise ValueError(f"{what} contains NaN or infinite values")
-    return np.ascontiguousarray(X)
+    This is the paper's unsupervised mode: a training set that may hold anomalies is cleaned by the
+    leave-one-out kNN scores of its items (``loo_scores``, computed by any index) before it is used
+    as the normal set. At least ``k + 1`` items are kept, so the kept set can still be scored
+    leave-one-out with ``k`` neighbours.
 
-
-def clean_training_set(X: np.ndarray, k: int, fraction: float) -> np.ndarray:
-    """Indices (sorted) of the items kept after dropping ``fraction`` with the largest kNN distance.
-
-    This is the paper's unsupervised mode: a training set that may hold anomalies is cleaned by
-    leave-one-out kNN scores before it is used as the normal set.
+    Example:
+        >>> clean_training_set(np.array([0.1, 5.0, 0.2, 0.3]), 0.25, k=1).tolist()
+        [0, 2, 3]
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"clean must be in [0, 1), got {fraction}")
-    n_keep = max(k + 1, int(round(len(X) * (1.0 - fraction))))
-    if fraction == 0.0 or n_keep >= len(X):
-        return np.arange(len(X))
-    scores = knn_score(knn(X, None, k, exclude_self=True)[0])
-    return np.sort(np.argsort(scores, kind="stable")[:n_keep])
+    n = len(loo_scores)
+    n_keep = max(k + 1, int(round(n * (1.0 - fraction))))
+    if fraction == 0.0 or n_keep >= n:
+        return np.arange(n)
+    return np.sort(np.argsort(np.asarray(loo_scores), kind="stable")[:n_keep])
+
+
+def _novelty_off(estimator: Any) -> bool:
+    if estimator.novelty:
+        raise AttributeError("fit_predict labels the training items and is offered only with novelty=False "
+                             "(as in scikit-learn's LocalOutlierFactor); with novelty=True use fit(X).predict(new)")
+    return True
 
 
 class KNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
@@ -84,7 +84,9 @@ class KNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
     Parameters:
         k: number of neighbours (the paper finds k=2 usually best).
         clean: fraction of training items with the largest leave-one-out score dropped before
-            fitting (0.5 is the paper's unsupervised mode; 0 trusts the training set).
+            fitting (0.5 is the paper's unsupervised mode; 0 trusts the training set). The
+            leave-one-out scores come from the chosen ``index``, so cleaning a huge training set
+            with ``index="ivf"`` stays approximate and fast.
         contamination: expected fraction of anomalies in the training set; sets the threshold
             at that quantile of all training scores. ``None`` uses ``fpr`` instead.
         fpr: target false-positive rate on new normal items; the threshold is the ``1 - fpr``
@@ -94,20 +96,37 @@ class KNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
         index: search backend, ``"exact"``, ``"ivf"`` (dn2's approximate inverted file, for very
             large training sets) or a FAISS kind (``"flat"``, ``"ivf_faiss"``, ``"ivfpq"``,
             ``"hnsw"``); ``index_params`` are passed to it (see :func:`dn2.search.make_index`).
+        seed: seed of the k-means compression.
         normalize: embedding transform applied to training and query embeddings before the
-            search (see :mod:`dn2.normalize`): ``"none"`` (the paper), ``"l2"`` (cosine),
-            ``"sqrt_l2"`` (Hellinger), ``"centred_l2"``, ``"standardise"``, ``"whiten"``.
-            Transforms with state are fitted on all training embeddings passed to ``fit``
-            (before ``clean``), never on queries.
+            search (see :mod:`dn2.normalize`); ``normalize_params`` go to its constructor (e.g.
+            ``{"shrinkage": 0.1}`` for ``"whiten"``). Transforms with state are fitted on all
+            training embeddings passed to ``fit`` (before ``clean``), never on queries.
         blocks: column counts of the parts of an ensemble embedding (one per backbone); the
             transform is then applied to each part on its own (:class:`dn2.normalize.Blockwise`).
             :class:`DN2` sets it from its embedder.
+        novelty: True (default): a detector of new items; False: ``fit_predict`` labels the
+            training items by their leave-one-out scores (scikit-learn's ``novelty`` convention).
 
-    Fitted attributes: ``memory_`` (the embeddings searched, transformed: kept training items or centres),
-    ``normalizer_`` (the fitted :class:`dn2.normalize.EmbeddingTransform`),
-    ``memory_names_``, ``kept_`` (indices of kept training items), ``train_scores_`` (score of
-    every training item, leave-one-out), ``threshold_``, ``offset_ = -threshold_``.
+    Fitted attributes: ``memory_`` (the embeddings searched, transformed: kept training items or
+    centres), ``normalizer_``, ``index_``, ``memory_names_``, ``kept_`` (indices of kept training
+    items), ``train_scores_`` (score of every training item, leave-one-out), ``threshold_``,
+    ``offset_ = -threshold_``, ``n_features_in_``.
     """
+
+    parameter_constraints: ClassVar[dict[str, list[Constraint | None]]] = {
+        "k": [Interval(int, 1, None)],
+        "clean": [Interval(float, 0.0, 1.0, closed="left")],
+        "contamination": [Interval(float, 0.0, 0.5, closed="neither"), None],
+        "fpr": [Interval(float, 0.0, 1.0, closed="neither")],
+        "n_centres": [Interval(int, 1, None), None],
+        "index": [Options(INDEX_KINDS)],
+        "index_params": [InstanceOf(dict), None],
+        "seed": [Interval(int, 0, 2**32 - 1)],
+        "normalize": [Options(NORMALIZATIONS)],
+        "normalize_params": [InstanceOf(dict), None],
+        "blocks": [TupleOf(Interval(int, 1, None)), None],
+        "novelty": [InstanceOf(bool)],
+    }
 
     def __init__(
         self,
@@ -121,6 +140,8 @@ class KNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
         seed: int = 0,
         normalize: str = "none",
         blocks: tuple[int, ...] | None = None,
+        normalize_params: dict[str, Any] | None = None,
+        novelty: bool = True,
     ):
         self.k = k
         self.clean = clean
@@ -132,30 +153,42 @@ class KNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
         self.seed = seed
         self.normalize = normalize
         self.blocks = blocks
+        self.normalize_params = normalize_params
+        self.novelty = novelty
 
-    def _validate_params(self, n: int) -> None:
-        if not isinstance(self.k, (int, np.integer)) or self.k < 1:
-            raise ValueError(f"k must be a positive integer, got {self.k!r}")
-        if self.contamination is not None and not 0.0 < self.contamination < 0.5:
-            raise ValueError(f"contamination must be in (0, 0.5), got {self.contamination}")
-        if not 0.0 < self.fpr < 1.0:
-            raise ValueError(f"fpr must be in (0, 1), got {self.fpr}")
-        needed = self.k + 1 if self.n_centres is None else self.k
-        if n < needed:
-            raise ValueError(f"k={self.k} needs at least {needed} training items, got {n}")
-        if self.n_centres is not None and not self.k <= self.n_centres:
+    def check_params(self, n_samples: int | None = None) -> None:
+        """Check every parameter (and, given ``n_samples``, that there are enough training items).
+
+        Called by ``fit`` first, and by :class:`DN2` before any image is embedded.
+        """
+        validate(type(self).__name__, self.get_params(), self.parameter_constraints)
+        make_index(self.index, **(self.index_params or {}))  # each kind checks its own parameters
+        make_transform(self.normalize, self.blocks, **(self.normalize_params or {}))
+        if self.n_centres is not None and self.n_centres < self.k:
             raise ValueError(f"n_centres={self.n_centres} must be >= k={self.k}")
+        if n_samples is not None:
+            needed = self.k + 1 if self.n_centres is None else self.k
+            if n_samples < needed:
+                raise ValueError(f"k={self.k} needs at least {needed} training samples, got n_samples={n_samples}")
+
+    def _new_index(self) -> Any:
+        return make_index(self.index, **(self.index_params or {}))
 
     def fit(self, X: Any, y: Any = None, names: Sequence[str] | None = None) -> "KNNDetector":
         """Index the normal training embeddings and set the threshold from their own scores."""
-        X = _check_embeddings(X)
-        self._validate_params(len(X))
+        self.check_params()
+        X = np.ascontiguousarray(validate_data(self, X, dtype=np.float32))
+        self.check_params(len(X))
         names = [str(i) for i in range(len(X))] if names is None else [str(n) for n in names]
         if len(names) != len(X):
             raise ValueError(f"{len(names)} names for {len(X)} embeddings")
-        self.normalizer_: EmbeddingTransform = make_transform(self.normalize, self.blocks).fit(X)
+        self.normalizer_: EmbeddingTransform = make_transform(
+            self.normalize, self.blocks, **(self.normalize_params or {})).fit(X)
         X = self.normalizer_.transform(X)
-        kept = clean_training_set(X, self.k, self.clean)
+        kept = np.arange(len(X))
+        if self.clean > 0:
+            loo = knn_score(self._new_index().fit(X).search_self(self.k)[0])
+            kept = clean_training_set(loo, self.clean, self.k)
         train = X[kept]
         if self.n_centres is not None:
             if self.n_centres > len(train):
@@ -165,19 +198,21 @@ class KNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
         else:
             memory, memory_names = train, [names[i] for i in kept]
         self._set_memory(memory, memory_names)
-        self.n_features_in_ = X.shape[1]
         self.kept_ = kept
         self.train_scores_ = self._training_scores(X, kept)
+        self._set_threshold()
+        return self
+
+    def _set_threshold(self) -> None:
         rate = self.fpr if self.contamination is None else self.contamination
-        reference = self.train_scores_[kept] if self.contamination is None else self.train_scores_
+        reference = self.train_scores_[self.kept_] if self.contamination is None else self.train_scores_
         self.threshold_ = float(np.quantile(reference, 1.0 - rate))
         self.offset_ = -self.threshold_
-        return self
 
     def _set_memory(self, memory: np.ndarray, names: list[str]) -> None:
         self.memory_ = np.ascontiguousarray(memory, dtype=np.float32)
         self.memory_names_ = names
-        self.index_ = make_index(self.index, **(self.index_params or {})).fit(self.memory_)
+        self.index_ = self._new_index().fit(self.memory_)
 
     def _training_scores(self, X: np.ndarray, kept: np.ndarray) -> np.ndarray:
         """Score of every training item: leave-one-out for items in memory, plain search otherwise."""
@@ -196,22 +231,23 @@ class KNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
 
     def _search(self, X: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         self._check_fitted()
-        X = _check_embeddings(X)
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(f"embeddings have {X.shape[1]} features, the model was fitted on {self.n_features_in_}")
+        X = np.ascontiguousarray(validate_data(self, X, dtype=np.float32, reset=False))
         return self.index_.search(self.normalizer_.transform(X), k)
 
     def anomaly_score(self, X: Any) -> np.ndarray:
-        """The paper's d(y): mean Euclidean distance to the k nearest training embeddings."""
-        return knn_score(self._search(X, self.k)[0])
+        """The paper's d(y): mean Euclidean distance to the k nearest training embeddings (float64)."""
+        return knn_score(self._search(X, self.k)[0]).astype(np.float64)
 
+    @available_if(_novelty_off)
     def fit_predict(self, X: Any, y: Any = None, names: Sequence[str] | None = None) -> np.ndarray:
-        """Fit, then label the training items themselves by their leave-one-out scores."""
+        """Fit, then label the training items themselves by their leave-one-out scores (novelty=False)."""
         self.fit(X, names=names)
         return np.where(self.train_scores_ <= self.threshold_, 1, -1)
 
     def nearest(self, X: Any, n: int = 3) -> Neighbours:
         """The ``n`` nearest training items (name, distance) of each query: why it scored as it did."""
+        validate("nearest", {"n": n}, {"n": [Interval(int, 1, None)]})
+        self._check_fitted()
         dist, idx = self._search(X, min(n, len(self.memory_)))
         return [
             [(self.memory_names_[j], float(d)) for d, j in zip(drow, irow) if j >= 0]
@@ -219,7 +255,8 @@ class KNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
         ]
 
     # -- persistence (the file format lives in dn2.modelfile) --------------------------------
-    def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    def to_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The fitted detector as (JSON header, tensors), as stored in model files."""
         self._check_fitted()
         header = {
             "params": self.get_params(),
@@ -232,26 +269,80 @@ class KNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
         return header, tensors
 
     @classmethod
-    def _from_state(cls, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> "KNNDetector":
-        det = cls(**header["params"])
-        if det.blocks is not None:
-            det.blocks = tuple(int(b) for b in det.blocks)
+    def from_state(cls, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> "KNNDetector":
+        """Rebuild a fitted detector from :meth:`to_state`'s output, validating every field.
+
+        Raises ``ValueError`` (naming the field) for anything a fitted detector could not have written.
+        """
+        if not isinstance(header, dict):
+            raise ValueError("detector header must be a mapping")
+        params = header.get("params")
+        if not isinstance(params, dict):
+            raise ValueError("detector header has no parameter mapping")
+        unknown = sorted(set(params) - set(cls._get_param_names()))
+        if unknown:
+            raise ValueError(f"detector parameters this dn2 does not know: {unknown} (written by a newer dn2?)")
+        params = dict(params)
+        if isinstance(params.get("blocks"), list):
+            params["blocks"] = tuple(params["blocks"])
+        det = cls(**params)
+        det.check_params()
+        memory = _tensor(tensors, "memory", np.float32, ndim=2)
+        if len(memory) < det.k or memory.shape[1] < 1:
+            raise ValueError(f"memory of shape {memory.shape} cannot serve k={det.k}")
+        train_scores = _tensor(tensors, "train_scores", np.float32, ndim=1)
+        kept = _tensor(tensors, "kept", np.int64, ndim=1)
+        if len(kept) == 0 or (np.diff(kept) <= 0).any() or kept[0] < 0 or kept[-1] >= len(train_scores):
+            raise ValueError("kept indices are not sorted, unique indices of training items")
+        if det.n_centres is None and len(kept) != len(memory):
+            raise ValueError(f"{len(kept)} kept items but {len(memory)} memory rows")
+        names = header.get("memory_names")
+        if not isinstance(names, list) or len(names) != len(memory) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"memory_names must be a list of {len(memory)} strings")
+        n_features = header.get("n_features_in")
+        if not isinstance(n_features, int) or isinstance(n_features, bool) or n_features != memory.shape[1]:
+            raise ValueError(f"n_features_in {n_features!r} does not match the memory's {memory.shape[1]} columns")
+        threshold = header.get("threshold")
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not np.isfinite(threshold):
+            raise ValueError(f"threshold must be a finite number, got {threshold!r}")
         state = {key.split("/", 1)[1]: value for key, value in tensors.items() if key.startswith("normalize/")}
-        det.normalizer_ = transform_from_state(det.normalize, state, det.blocks)
-        det._set_memory(tensors["memory"], list(header["memory_names"]))
-        det.n_features_in_ = int(header["n_features_in"])
-        det.kept_ = tensors["kept"]
-        det.train_scores_ = tensors["train_scores"]
-        det.threshold_ = float(header["threshold"])
+        det.normalizer_ = transform_from_state(det.normalize, state, det.blocks, **(det.normalize_params or {}))
+        probe = det.normalizer_.transform(np.zeros((1, n_features), dtype=np.float32))
+        if probe.shape != (1, n_features):
+            raise ValueError(f"the {det.normalize!r} transform's state does not fit {n_features} features")
+        det._set_memory(memory, list(names))
+        det.n_features_in_ = n_features
+        det.kept_ = kept
+        det.train_scores_ = train_scores
+        det.threshold_ = float(threshold)
         det.offset_ = -det.threshold_
         return det
 
     def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
         """Write the fitted detector to a safe model file (safetensors + JSON; see :func:`dn2.load`)."""
-        from .modelfile import write_model
-
-        header, tensors = self._state()
+        header, tensors = self.to_state()
         return write_model(path, {"kind": "KNNDetector", "detector": header}, tensors, force=force)
+
+
+def _tensor(tensors: dict[str, np.ndarray], name: str, dtype: type, ndim: int) -> np.ndarray:
+    """A model file's tensor, checked for presence, dtype, rank and finiteness."""
+    if name not in tensors:
+        raise ValueError(f"tensor {name!r} is missing")
+    a = tensors[name]
+    if a.dtype != np.dtype(dtype) or a.ndim != ndim:
+        raise ValueError(f"tensor {name!r} must be {ndim}-D {np.dtype(dtype)}, got {a.ndim}-D {a.dtype}")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise ValueError(f"tensor {name!r} holds NaN or infinite values")
+    return a
+
+
+#: How a DN2 model runs, as opposed to what it computes: never read from a model file.
+RUN_OPTIONS = ("weights", "batch_size", "num_workers", "progress", "skip_bad", "runtime")
+_DETECTOR_PARAMS = ("clean", "contamination", "fpr", "n_centres", "index", "index_params", "seed", "novelty")
+
+
+def _bool_or_none(value: Any) -> bool:
+    return value is None or isinstance(value, bool)
 
 
 class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
@@ -260,11 +351,12 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
     Takes anything :func:`dn2.images.as_source` accepts (a folder, paths, a zip, PIL images,
     numpy arrays). The fitted parts are exposed as ``.embedder`` and ``.detector``.
 
-    ``preset`` chooses the method settings (``backbone``, ``k``, ``normalize``, ``stages``,
-    ``flip``; see :data:`PRESETS`): ``"best"`` (default) or ``"paper"`` (the paper's method
-    exactly). Each of those parameters left at ``None`` takes the preset's value; one given
-    explicitly overrides it. A saved model stores the resolved values, so it reloads with the
-    same method even if a later dn2 changes a preset.
+    ``preset`` chooses the method settings (a :class:`dn2.settings.Method`: ``backbone``, ``k``,
+    ``normalize``, ``stages``, ``flip``, ``precision``): ``"best"`` (default) or ``"paper"`` (the
+    paper's method exactly). Each of those parameters left at ``None`` takes the preset's value;
+    one given explicitly overrides it. The fitted model records the resolved method (``method_``,
+    with ``precision`` resolved for this CPU) and scores with exactly that method, also after
+    save and load, even if a later dn2 changes a preset.
 
     Example:
         >>> from dn2 import DN2
@@ -273,6 +365,23 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         >>> model.predict(["new.jpg"])                # +1 normal, -1 anomaly  # doctest: +SKIP
         >>> model.save("parts.dn2")                   # doctest: +SKIP
     """
+
+    parameter_constraints: ClassVar[dict[str, list[Constraint | None]]] = {
+        **{name: KNNDetector.parameter_constraints[name] for name in _DETECTOR_PARAMS},
+        "preset": [Options(PRESETS)],
+        "backbone": [InstanceOf(str), None],
+        "k": [Interval(int, 1, None), None],
+        "normalize": [Options(NORMALIZATIONS), None],
+        "stages": [TupleOf(Interval(int, None, None)), None],
+        "flip": [Predicate(_bool_or_none, "True, False or None")],
+        "precision": [Options(PRECISION_CHOICES)],
+        "weights": [InstanceOf((str, os.PathLike), "a path or 'random'"), None],
+        "batch_size": [Interval(int, 1, None), None],
+        "num_workers": [Interval(int, 0, None), None],
+        "progress": [InstanceOf(bool)],
+        "skip_bad": [InstanceOf(bool)],
+        "runtime": [Options(RUNTIMES)],
+    }
 
     def __init__(
         self,
@@ -296,6 +405,7 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         normalize: str | None = None,
         stages: tuple[int, ...] | None = None,
         flip: bool | None = None,
+        novelty: bool = True,
     ):
         self.backbone = backbone
         self.weights = weights
@@ -317,65 +427,65 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         self.normalize = normalize
         self.stages = stages
         self.flip = flip
+        self.novelty = novelty
+
+    def method(self) -> Method:
+        """The preset's method settings with the explicitly given parameters laid over them."""
+        validate("DN2", {"preset": self.preset}, {"preset": self.parameter_constraints["preset"]})
+        stages = tuple(self.stages) if self.stages is not None else None
+        return method_for(self.preset, backbone=self.backbone, k=self.k, normalize=self.normalize, stages=stages,
+                          flip=self.flip, precision=self.precision)
 
     def method_params(self) -> dict[str, Any]:
-        """The preset's method settings with the explicitly given parameters applied on top."""
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        out = dict(PRESETS[self.preset])
-        for name in PRESET_PARAMS:
-            if getattr(self, name) is not None:
-                out[name] = getattr(self, name)
-        out["stages"] = tuple(out["stages"])
-        return out
+        """:meth:`method` as a dict."""
+        return asdict(self.method())
+
+    def check_params(self) -> None:
+        """Check every parameter, the method and the detector's index parameters: before any image is embedded."""
+        validate("DN2", self.get_params(), self.parameter_constraints)
+        self._make_detector(self.method()).check_params()
 
     def _run_options(self) -> dict[str, Any]:
-        """How the embedder runs (not what it computes): batch, workers, precision, runtime, progress, skip_bad."""
-        return dict(
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            precision=method_precision(self.precision, self.method_params()["normalize"]),
-            runtime=self.runtime,
-            progress=self.progress,
-            skip_bad=self.skip_bad,
-        )
+        """How the embedder runs (not what it computes)."""
+        return dict(batch_size=self.batch_size, num_workers=self.num_workers, runtime=self.runtime,
+                    progress=self.progress, skip_bad=self.skip_bad)
 
-    def _make_embedder(self) -> Embedder:
-        method = self.method_params()
-        return Embedder(backbone=method["backbone"], weights=self.weights, stages=method["stages"], flip=method["flip"],
-                        **self._run_options())
+    def _make_embedder(self, method: Method) -> Embedder:
+        return Embedder(backbone=method.backbone, weights=self.weights, stages=method.stages, flip=method.flip,
+                        precision=method.precision, **self._run_options())
 
-    def _make_detector(self) -> KNNDetector:
-        method = self.method_params()
-        return KNNDetector(
-            k=method["k"],
-            clean=self.clean,
-            contamination=self.contamination,
-            fpr=self.fpr,
-            n_centres=self.n_centres,
-            index=self.index,
-            index_params=self.index_params,
-            seed=self.seed,
-            normalize=method["normalize"],
-        )
+    def _make_detector(self, method: Method) -> KNNDetector:
+        return KNNDetector(k=method.k, normalize=method.normalize,
+                           **{name: getattr(self, name) for name in _DETECTOR_PARAMS})
 
     def fit(self, X: Any, y: Any = None) -> "DN2":
         """Embed the normal training images and index them."""
-        self.embedder_ = self._make_embedder().fit()
+        self.check_params()
+        method = self.method()
+        self.method_ = replace(method, precision=resolve_precision(method.extraction_precision(), self.runtime))
+        self.embedder_ = self._make_embedder(self.method_).fit()
         train = self.embedder_.embed(X)
         if len(train.vectors) == 0:
             raise ValueError("no training image could be read")
         blocks = self.embedder_.part_dims()
-        self.detector_ = self._make_detector().set_params(blocks=tuple(blocks) if len(blocks) > 1 else None)
+        self.detector_ = self._make_detector(self.method_).set_params(blocks=tuple(blocks) if len(blocks) > 1 else None)
         self.detector_.fit(train.vectors, names=train.names)
         self.skipped_ = train.skipped
         return self
 
+    def _scoring_precision(self) -> str:
+        """The fitted precision, unless the caller explicitly chose another one (with a warning)."""
+        if self.precision in ("auto", self.method_.precision):
+            return self.method_.precision
+        warnings.warn(f"the model's embeddings were made in {self.method_.precision}; scoring in {self.precision} "
+                      "shifts the scores slightly against the threshold", UserWarning, stacklevel=3)
+        return self.precision
+
     @property
     def embedder(self) -> Embedder:
-        """The fitted :class:`Embedder` (images -> embeddings), with this model's runtime options."""
+        """The fitted :class:`Embedder` (images -> embeddings), with this model's run options."""
         self._check_fitted()
-        return self.embedder_.set_params(**self._run_options())
+        return self.embedder_.set_params(precision=self._scoring_precision(), **self._run_options())
 
     @property
     def detector(self) -> KNNDetector:
@@ -403,8 +513,9 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         """The paper's d(y) per image: mean distance to the k nearest normal training images."""
         return self.detector.anomaly_score(self.embedder.transform(X))
 
+    @available_if(_novelty_off)
     def fit_predict(self, X: Any, y: Any = None) -> np.ndarray:
-        """Fit, then label the training images by their leave-one-out scores."""
+        """Fit, then label the training images by their leave-one-out scores (novelty=False)."""
         self.fit(X)
         return np.where(self.detector.train_scores_ <= self.threshold_, 1, -1)
 
@@ -413,65 +524,92 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         return self.detector.nearest(self.embedder.transform(X), n)
 
     def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
-        """Write the model (embeddings, names, threshold, backbone identity) to a safe model file."""
-        from .modelfile import write_model
+        """Write the model (method, embeddings, names, threshold, backbone identity) to a safe model file.
 
-        header, tensors = self.detector._state()
-        params = {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in self.get_params().items()}
-        method = self.method_params()
-        params.update(method, stages=list(method["stages"]))  # resolved: reloads identically
-        meta = {"kind": "DN2", "params": params, "backbone": self.embedder.identity(), "detector": header}
+        Only what the model computes is stored; how it runs (weights path, workers, runtime) is
+        the loader's choice.
+        """
+        self._check_fitted()
+        detector, tensors = self.detector.to_state()
+        meta = {"kind": "DN2", "preset": self.preset, "method": self.method_.to_dict(),
+                "backbone": self.embedder_.identity(), "detector": detector}
         return write_model(path, meta, tensors, force=force)
 
 
-def _params_for(cls: type, params: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
-    from .modelfile import ModelFileError
+def _method_from_header(header: dict[str, Any]) -> tuple[str, Method]:
+    """(preset, method) of a DN2 header; format 1 files stored every constructor parameter instead."""
+    if "method" in header:
+        preset = header.get("preset", "best")
+        if preset not in PRESETS:  # a preset this dn2 does not know: the method itself is what matters
+            preset = "best"
+        return preset, Method.from_dict(header["method"])
+    params = header.get("params")
+    if not isinstance(params, dict):
+        raise ValueError("the header has neither method settings nor parameters")
+    preset = params.get("preset", "paper")  # files written before presets existed
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}")
+    method = PRESETS[preset].overlay(**{name: params.get(name) for name in ("backbone", "k", "normalize", "flip")},
+                                     stages=tuple(params["stages"]) if params.get("stages") is not None else None,
+                                     precision=params.get("precision"))
+    return preset, method
 
-    unknown = set(params) - set(cls._get_param_names())
-    if unknown:
-        raise ModelFileError(path, f"written with options this dn2 does not know: {sorted(unknown)}; upgrade dn2")
-    return params
 
+def load(path: str | os.PathLike, *, weights: str | os.PathLike | None = None, allow_download: bool = False,
+         **run_options: Any) -> DN2 | KNNDetector:
+    """Open a model file written by ``save``; never unpickles anything, never trusts a field unchecked.
 
-def load(path: str | os.PathLike, *, weights: str | os.PathLike | None = None) -> DN2 | KNNDetector:
-    """Open a model file written by ``save``; never unpickles anything.
-
-    For an image model the backbone is loaded and checked against the one the model was fitted
-    with (same weights hash and preprocessing); ``weights`` points at a local copy of the
-    backbone's weights when the original path does not exist on this machine.
+    Only the method is taken from the file. How to run it is the caller's: ``weights`` (a local
+    copy of the backbone's weights, needed when the model was fitted with weights from a file),
+    ``allow_download`` (whether the backbone's weights may be fetched from the internet when they
+    are not on this machine; never by default) and ``run_options`` (``batch_size``,
+    ``num_workers``, ``progress``, ``skip_bad``, ``runtime``). The backbone is checked against
+    the one the model was fitted with (same weights hash and preprocessing).
 
     Example:
         >>> import dn2
-        >>> model = dn2.load("parts.dn2")  # doctest: +SKIP
+        >>> model = dn2.load("parts.dn2", runtime="openvino")  # doctest: +SKIP
     """
-    from .modelfile import ModelFileError, read_model
-
-    header, tensors = read_model(path)
-    kind = header.get("kind")
+    unknown = sorted(set(run_options) - set(RUN_OPTIONS) - {"weights"})
+    if unknown:
+        raise TypeError(f"load() got unknown run options {unknown}; allowed: {sorted(set(RUN_OPTIONS) - {'weights'})}")
+    model_file = read_model_file(path)
+    header, tensors = model_file.header, model_file.tensors
     try:
+        kind = header.get("kind")
         if kind == "KNNDetector":
-            header["detector"]["params"] = _params_for(KNNDetector, header["detector"]["params"], path)
-            return KNNDetector._from_state(header["detector"], tensors)
+            return KNNDetector.from_state(header.get("detector"), tensors)
         if kind != "DN2":
-            raise ModelFileError(path, f"unknown model kind {kind!r}")
-        params = _params_for(DN2, dict(header["params"]), path)
-        params.setdefault("preset", "paper")  # files written before presets existed
-        if params.get("stages") is not None:
-            params["stages"] = tuple(params["stages"])
-        header["detector"]["params"] = _params_for(KNNDetector, header["detector"]["params"], path)
-    except (KeyError, TypeError) as e:
-        raise ModelFileError(path, f"model header is incomplete ({e})") from e
-    if weights is not None:
-        params["weights"] = str(weights)
-    model = DN2(**params)
-    model.embedder_ = model._make_embedder().fit()
-    ours, stored = model.embedder_.identity(), header["backbone"]
+            raise ValueError(f"unknown model kind {kind!r}")
+        preset, method = _method_from_header(header)
+        detector = KNNDetector.from_state(header.get("detector"), tensors)
+        stored = header.get("backbone")
+        if not isinstance(stored, dict):
+            raise ValueError("backbone identity missing")
+    except (ValueError, TypeError, KeyError) as e:
+        raise ModelFileError(path, f"invalid model header: {e}") from None
+    if weights is None and stored.get("weights_id") == "random:0":
+        weights = "random"  # not a file: the deterministic random initialisation used in tests and benchmarks
+    if weights is None and not allow_download:
+        for name in backbone_names(method.backbone):
+            if backbone_status(name) == "download":
+                raise ModelFileError(path, f"the weights of backbone {name!r} are not on this machine; pass "
+                                     "weights=FILE (--weights FILE), or allow_download=True (--allow-download)")
+    params = {name: getattr(detector, name) for name in _DETECTOR_PARAMS}
+    model = DN2(preset=preset, backbone=method.backbone, k=method.k, normalize=method.normalize, stages=method.stages,
+                flip=method.flip, precision=method.precision, weights=weights, **params, **run_options)
+    model.check_params()
+    model.method_ = replace(method, precision=resolve_precision(method.extraction_precision(), model.runtime))
+    model.embedder_ = model._make_embedder(model.method_).fit()
+    ours = model.embedder_.identity()
     if ours != stored:
         diff = {k: (stored.get(k), ours.get(k)) for k in set(ours) | set(stored) if ours.get(k) != stored.get(k)}
         raise ModelFileError(
             path, f"backbone mismatch: the model was fitted with a different backbone or weights "
             f"(stored vs loaded: {diff}); pass the original weights with weights=FILE / --weights FILE"
         )
-    model.detector_ = KNNDetector._from_state(header["detector"], tensors)
+    model.detector_ = detector
     model.skipped_ = []
+    model.file_info_ = {"format_version": model_file.format_version, "dn2_version": model_file.dn2_version,
+                        "header_verified": model_file.header_verified}
     return model

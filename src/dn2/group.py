@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator, OutlierMixin
+from sklearn.exceptions import NotFittedError
 
 from .backbones import DEFAULT_BACKBONE
 from .base import ThresholdedScores
@@ -113,12 +114,9 @@ class GroupDN2(SetDetector):
         self.progress = progress
 
     def _embed_sets(self, sets: Sequence[Sequence[Any]]) -> list[np.ndarray]:
-        """Embed all members in one pass, then split back into sets."""
+        """Embed all members with the fitted embedder in one pass, then split back into sets."""
         if not hasattr(self, "embedder_"):
-            self.embedder_ = Embedder(
-                backbone=self.backbone, weights=self.weights, batch_size=self.batch_size,
-                precision=self.precision, progress=self.progress,
-            ).fit()
+            raise NotFittedError("this GroupDN2 is not fitted yet: call fit first")
         sizes = [len(s) for s in sets]
         if not sizes or min(sizes) == 0:
             raise ValueError("every set must hold at least one image")
@@ -127,6 +125,11 @@ class GroupDN2(SetDetector):
         return np.split(vectors, np.cumsum(sizes)[:-1])
 
     def fit(self, sets: Sequence[Sequence[Any]], y: Any = None) -> "GroupDN2":
+        """Load the backbone named by the current parameters (every fit: ``set_params`` takes effect), embed, fit."""
+        self.embedder_ = Embedder(
+            backbone=self.backbone, weights=self.weights, batch_size=self.batch_size,
+            precision=self.precision, progress=self.progress,
+        ).fit()
         return super().fit(self._embed_sets(sets))
 
     def anomaly_score(self, sets: Sequence[Sequence[Any]]) -> np.ndarray:

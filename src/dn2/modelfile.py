@@ -1,8 +1,15 @@
 """The dn2 model file: tensors in safetensors, a JSON header in its metadata, no pickle.
 
 Layout: a plain safetensors file whose metadata key ``"dn2"`` holds a JSON envelope
-``{"format", "format_version", "dn2_version", "tensors": {name: {"sha256"}}, "header"}``.
+``{"format", "format_version", "dn2_version", "tensors": {name: {"sha256"}}, "header", "integrity"}``.
 Loading never executes code from the file, so models from elsewhere are safe to open.
+
+Integrity: every tensor has a sha256 of its dtype, shape and bytes, and (from format 2) ``integrity``
+is the sha256 of the canonical JSON of everything else in the envelope, header included, so any
+change of a setting, a name or a threshold is refused. A digest detects modification and damage; it
+is not a signature (whoever can write the file can write a consistent one): what makes a file from
+elsewhere safe is that nothing in it is executed and every field is validated when it is loaded.
+Format 1 files (no header digest) still load, with a warning that their header is unprotected.
 """
 
 from __future__ import annotations
@@ -11,6 +18,9 @@ import hashlib
 import json
 import os
 import secrets
+import stat
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 FORMAT_NAME = "dn2-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the header is covered by the envelope's "integrity" digest
 _METADATA_KEY = "dn2"
 # dtypes every safetensors>=0.4 reads back with numpy (complex64 etc. are newer or missing)
 _DTYPES = frozenset(np.dtype(t) for t in (
@@ -77,6 +87,13 @@ def _prepare(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def _canonical_digest(envelope: dict) -> str:
+    """sha256 of the envelope without its "integrity" field, as canonical JSON (sorted keys, ASCII)."""
+    core = {key: value for key, value in envelope.items() if key != "integrity"}
+    text = json.dumps(core, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
 def write_model(path: str | os.PathLike, header: dict, tensors: dict[str, np.ndarray], *,
                 force: bool = False) -> Path:
     """Atomically write a model file (temp file + os.replace); never overwrites unless ``force``.
@@ -92,7 +109,9 @@ def write_model(path: str | os.PathLike, header: dict, tensors: dict[str, np.nda
                 "tensors": {name: {"sha256": _digest(a)} for name, a in arrays.items()},
                 "header": header}
     try:
-        text = json.dumps(envelope, default=_json_default, allow_nan=False, ensure_ascii=False)
+        envelope = json.loads(json.dumps(envelope, default=_json_default, allow_nan=False))  # as a reader sees it
+        envelope["integrity"] = _canonical_digest(envelope)
+        text = json.dumps(envelope, allow_nan=False)  # ASCII: lone surrogates in odd file names stay valid
     except ValueError as e:  # NaN/inf, circular references
         raise ValueError(f"model header is not JSON-serialisable: {e}") from None
     if not path.parent.is_dir():
@@ -137,6 +156,14 @@ def _open_envelope(path: Path, f: Any) -> dict:
             or not all(isinstance(v, dict) and isinstance(v.get("sha256"), str)
                        for v in table.values())):
         raise ModelFileError(path, "file is corrupted or was modified (malformed dn2 metadata)")
+    if version >= 2:
+        claimed = env.get("integrity")
+        try:
+            actual = _canonical_digest(env)
+        except ValueError:  # NaN/inf smuggled into the JSON
+            actual = None
+        if not isinstance(claimed, str) or claimed != actual:
+            raise ModelFileError(path, "file is corrupted or was modified (header checksum mismatch)")
     names = set(f.keys())
     if names != set(table):
         raise ModelFileError(path, "file is corrupted or was modified (tensors "
@@ -144,13 +171,33 @@ def _open_envelope(path: Path, f: Any) -> dict:
     return env
 
 
-def _read(path: str | os.PathLike, with_tensors: bool) -> tuple[dict, dict[str, np.ndarray]]:
+@dataclass
+class ModelFile:
+    """A verified model file: its header, its tensors, and what the envelope says about it.
+
+    ``header_verified`` is False for format 1 files, whose header no digest covers.
+    """
+
+    header: dict
+    tensors: dict[str, np.ndarray]
+    format_version: int
+    dn2_version: str
+    header_verified: bool
+
+
+def _read(path: str | os.PathLike, with_tensors: bool) -> ModelFile:
     """Open ``path`` with safetensors (no code execution), validate, optionally load tensors."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such model file")
-    if path.is_dir():
+    try:
+        info = os.stat(path)  # follows links: what is read is what is checked
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such model file") from None
+    except OSError as e:
+        raise ModelFileError(path, f"cannot read ({e.strerror or e})") from None
+    if stat.S_ISDIR(info.st_mode):
         raise ModelFileError(path, "is a directory, not a dn2 model file")
+    if not stat.S_ISREG(info.st_mode):  # FIFOs, devices, sockets: reading could block or never end
+        raise ModelFileError(path, "is not a regular file, not a dn2 model file")
     tensors: dict[str, np.ndarray] = {}
     try:
         with safe_open(str(path), framework="np") as f:
@@ -165,14 +212,24 @@ def _read(path: str | os.PathLike, with_tensors: bool) -> tuple[dict, dict[str, 
         if isinstance(e, ModelFileError):
             raise
         raise ModelFileError(path, f"not a dn2 model file or truncated ({e})") from None
-    return env["header"], tensors
+    version = env["format_version"]
+    if version < 2:
+        warnings.warn(f"{path}: model format {version} has no checksum over its settings, so a modified "
+                      "setting cannot be detected; save the model again to upgrade it", UserWarning, stacklevel=3)
+    return ModelFile(env["header"], tensors, version, str(env.get("dn2_version", "unknown")), version >= 2)
+
+
+def read_model_file(path: str | os.PathLike) -> ModelFile:
+    """Load and verify a model file, with what its envelope says (format version, header verified)."""
+    return _read(path, with_tensors=True)
 
 
 def read_model(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     """Load and verify a model: (header exactly as written, without integrity fields; tensors)."""
-    return _read(path, with_tensors=True)
+    model = _read(path, with_tensors=True)
+    return model.header, model.tensors
 
 
 def read_header(path: str | os.PathLike) -> dict:
     """The header only, cheaply (tensors not read nor checksummed); same format checks."""
-    return _read(path, with_tensors=False)[0]
+    return _read(path, with_tensors=False).header

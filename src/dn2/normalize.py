@@ -52,8 +52,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .params import Interval, validate
+
 EPS = 1e-12
-NORMALIZATIONS = ("none", "l2", "sqrt_l2", "centred_l2", "standardise", "whiten")
 
 
 def l2_rows(X: np.ndarray) -> np.ndarray:
@@ -68,9 +69,20 @@ class EmbeddingTransform:
 
     The fitted state is a dict of float32 arrays (``state()``), stored as tensors in model files
     so that a saved model transforms queries exactly as the fitted one did.
+
+    Each transform declares its properties, which the rest of dn2 reads instead of keeping lists
+    of names: ``stateless`` (row-wise, nothing fitted: the benchmark protocols may apply it once to
+    all embeddings), ``unit_norm`` (rows come out with norm 1) and ``bf16_safe`` (bf16 feature
+    extraction was measured not to cost accuracy after it, see BENCHMARKS.md; ``precision="auto"``
+    extracts in bf16 only for these). ``params`` lists the constructor's parameters and their
+    constraints (:mod:`dn2.params`).
     """
 
     name = "none"
+    stateless = True
+    unit_norm = False
+    bf16_safe = False
+    params: dict[str, list] = {}
 
     def fit(self, X: np.ndarray) -> "EmbeddingTransform":
         return self
@@ -102,6 +114,8 @@ class L2(EmbeddingTransform):
     """Unit-norm rows: Euclidean kNN on them is cosine kNN (Babenko & Lempitsky 2015)."""
 
     name = "l2"
+    unit_norm = True
+    bf16_safe = True
 
     def transform(self, X: np.ndarray) -> np.ndarray:
         return l2_rows(X)
@@ -111,6 +125,8 @@ class SqrtL2(EmbeddingTransform):
     """Signed square root, then unit-norm rows: the Hellinger kernel (Perronnin et al. 2010)."""
 
     name = "sqrt_l2"
+    unit_norm = True
+    bf16_safe = True
 
     def transform(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float32)
@@ -121,6 +137,8 @@ class CentredL2(EmbeddingTransform):
     """Subtract the normal training mean, then unit-norm rows (Reiss & Hoshen 2021's mean shift)."""
 
     name = "centred_l2"
+    stateless = False
+    unit_norm = True
 
     def fit(self, X: np.ndarray) -> "CentredL2":
         self.mean_ = np.asarray(X, dtype=np.float64).mean(axis=0).astype(np.float32)
@@ -137,6 +155,8 @@ class Standardise(EmbeddingTransform):
     """Per-feature z-score with the normal training mean and std, then unit-norm rows."""
 
     name = "standardise"
+    stateless = False
+    unit_norm = True
 
     def fit(self, X: np.ndarray) -> "Standardise":
         X = np.asarray(X, dtype=np.float64)
@@ -164,8 +184,11 @@ class Whiten(EmbeddingTransform):
     """
 
     name = "whiten"
+    stateless = False
+    params = {"shrinkage": [Interval(float, 0.0, 1.0), None]}
 
     def __init__(self, shrinkage: float | None = None):
+        validate("Whiten", {"shrinkage": shrinkage}, self.params)
         self.shrinkage = shrinkage
 
     def fit(self, X: np.ndarray) -> "Whiten":
@@ -176,8 +199,6 @@ class Whiten(EmbeddingTransform):
         Xc = X - mean
         cov = Xc.T @ Xc / len(X)
         a = ledoit_wolf_shrinkage(Xc, assume_centered=True) if self.shrinkage is None else self.shrinkage
-        if not 0.0 <= a <= 1.0:
-            raise ValueError(f"shrinkage must be in [0, 1], got {a}")
         d = cov.shape[0]
         cov = (1.0 - a) * cov + a * np.trace(cov) / d * np.eye(d)
         w, V = np.linalg.eigh(cov)
@@ -191,17 +212,32 @@ class Whiten(EmbeddingTransform):
         return ((np.asarray(X, dtype=np.float32) - self.mean_) @ self.components_).astype(np.float32)
 
     def state(self) -> dict[str, np.ndarray]:
-        return {"mean_": self.mean_, "components_": self.components_}
+        return {"mean_": self.mean_, "components_": self.components_,
+                "shrinkage_": np.array([self.shrinkage_], dtype=np.float32)}
+
+    def set_state(self, state: dict[str, np.ndarray]) -> "Whiten":
+        state = dict(state)
+        shrinkage = state.pop("shrinkage_", None)  # absent in files written before it was saved
+        super().set_state(state)
+        if shrinkage is not None:
+            self.shrinkage_ = float(np.asarray(shrinkage).reshape(-1)[0])
+        return self
 
 
-_TRANSFORMS: dict[str, type[EmbeddingTransform]] = {
-    "none": Identity,
-    "l2": L2,
-    "sqrt_l2": SqrtL2,
-    "centred_l2": CentredL2,
-    "standardise": Standardise,
-    "whiten": Whiten,
+#: The registry: ``normalize=`` name -> transform class (its properties say what it is).
+TRANSFORMS: dict[str, type[EmbeddingTransform]] = {
+    t.name: t for t in (Identity, L2, SqrtL2, CentredL2, Standardise, Whiten)
 }
+NORMALIZATIONS = tuple(TRANSFORMS)
+STATELESS_NORMALIZATIONS = tuple(n for n, t in TRANSFORMS.items() if t.stateless)
+
+
+def transform_class(name: str | None) -> type[EmbeddingTransform]:
+    """The transform class registered as ``name`` (``None`` means ``"none"``)."""
+    name = "none" if name is None else name
+    if name not in TRANSFORMS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {name!r}")
+    return TRANSFORMS[name]
 
 
 class Blockwise(EmbeddingTransform):
@@ -212,10 +248,12 @@ class Blockwise(EmbeddingTransform):
     rows keep unit norm: ``||a - b||^2`` is the mean of the per-backbone squared distances.
     """
 
-    def __init__(self, name: str, blocks: tuple[int, ...]):
+    def __init__(self, name: str, blocks: tuple[int, ...], **params: Any):
         self.name = name
         self.blocks = tuple(int(b) for b in blocks)
-        self.parts = [_TRANSFORMS[name]() for _ in self.blocks]
+        cls = transform_class(name)
+        self.stateless, self.unit_norm, self.bf16_safe = cls.stateless, cls.unit_norm, cls.bf16_safe
+        self.parts = [cls(**params) for _ in self.blocks]
 
     def _split(self, X: np.ndarray) -> list[np.ndarray]:
         X = np.asarray(X, dtype=np.float32)
@@ -241,27 +279,32 @@ class Blockwise(EmbeddingTransform):
         return self
 
 
-def make_transform(name: str | None, blocks: Sequence[int] | None = None) -> EmbeddingTransform:
+def make_transform(name: str | None, blocks: Sequence[int] | None = None, **params: Any) -> EmbeddingTransform:
     """The (unfitted) transform called ``name``; ``None`` means ``"none"``.
 
     ``blocks`` (column counts, one per backbone of an ensemble) applies it to each block on its
-    own (:class:`Blockwise`); ``None`` or a single block is the plain transform.
+    own (:class:`Blockwise`); ``None`` or a single block is the plain transform. ``params`` go to
+    the transform's constructor (e.g. ``make_transform("whiten", shrinkage=0.1)``), checked
+    against its declared ``params``.
     """
-    name = "none" if name is None else name
-    if name not in _TRANSFORMS:
-        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {name!r}")
+    cls = transform_class(name)
+    validate(f"normalize={cls.name!r}", params, cls.params)
     if blocks is not None and len(blocks) > 1:
-        return Blockwise(name, tuple(blocks))
-    return _TRANSFORMS[name]()
+        return Blockwise(cls.name, tuple(blocks), **params)
+    return cls(**params)
 
 
-def transform_from_state(name: str | None, state: dict[str, Any], blocks: Sequence[int] | None = None) -> EmbeddingTransform:
-    """Rebuild a fitted transform from its name, its blocks and the arrays of ``state()``."""
-    return make_transform(name, blocks).set_state(state)
+def transform_from_state(name: str | None, state: dict[str, Any], blocks: Sequence[int] | None = None,
+                         **params: Any) -> EmbeddingTransform:
+    """Rebuild a fitted transform from its name, its blocks, its parameters and the arrays of ``state()``."""
+    return make_transform(name, blocks, **params).set_state(state)
 
 
 __all__ = [
     "NORMALIZATIONS",
+    "STATELESS_NORMALIZATIONS",
+    "TRANSFORMS",
+    "transform_class",
     "EmbeddingTransform",
     "Identity",
     "L2",
