@@ -25,7 +25,7 @@ from dn2.bench import (
     unimodal,
 )
 from dn2.cli import main
-from dn2.report import Plot, Table, write_html, write_table
+from dn2.bench.report import Plot, Table, write_html, write_table
 
 
 def clusters(name: str = "synthetic", n_classes: int = 4, n_train: int = 30, n_test: int = 20, dim: int = 16, seed: int = 0) -> BenchData:

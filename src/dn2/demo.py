@@ -20,7 +20,7 @@ from sklearn.model_selection import train_test_split
 from .backbones import DEFAULT_BACKBONE
 from .detector import KNNDetector
 from .features import Embedder
-from .runtime import method_precision
+from .settings import PRESETS
 
 
 def digits_images(per_class: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -54,7 +54,7 @@ def run_demo(
     """Embed the digits once, then run the one-class protocol; returns ROCAUC per digit."""
     images, labels = digits_images(per_class)
     idx_train, idx_test = train_test_split(np.arange(len(labels)), test_size=0.5, stratify=labels, random_state=0)
-    precision = method_precision(precision, "none")  # the paper's raw features: fp32 unless asked
+    precision = PRESETS["paper"].overlay(precision=precision).extraction_precision()  # raw features: fp32 unless asked
     vectors = Embedder(backbone=backbone, precision=precision, progress=progress).transform(images)
     return one_class_aucs(vectors[idx_train], labels[idx_train], vectors[idx_test], labels[idx_test], k=k)
 

@@ -1,18 +1,19 @@
-"""The DN2 paper's evaluation protocols, on embeddings, and the ``dn2 bench`` command that runs them.
+"""The DN2 paper's evaluation protocols as a registry of pure functions over embeddings.
 
-Every protocol is a pure function of a :class:`BenchData` (train/test embeddings and their class
-labels) returning a :class:`~dn2.report.Table` of ROCAUC % values, so it runs in seconds on cached
-embeddings and is tested without a network. ``dn2 bench`` embeds each split once per backbone
-(through :mod:`dn2.cache`), runs the protocols and writes CSV, markdown, PNG and an HTML report.
+Every protocol takes a :class:`~dn2.bench.data.BenchData` (train/test embeddings and their class
+labels) and returns :class:`~dn2.bench.report.Table` s of ROCAUC % values, so it runs in seconds on
+cached embeddings and is tested without a network. The protocols score with the product's own
+pieces (:func:`dn2.search.knn`, :func:`dn2.search.knn_score`, :func:`dn2.detector.clean_training_set`,
+:class:`dn2.group.SetDetector`), so a benchmark cannot drift from what users run.
 
-Protocols (Bergman, Cohen & Hoshen 2020): :func:`unimodal` (Tables 1-4), :func:`multimodal`
-(Table 5), :func:`fewshot` and :func:`impurity` (Fig. 5), :func:`neighbours` (Fig. 2),
-:func:`backbones` (Fig. 1), :func:`kmeans_centres` (Table 6), :func:`group` and :func:`set_task`
-(Fig. 4 and the covariance-trace set task).
+Protocols (Bergman, Cohen & Hoshen 2020), registered in :data:`PROTOCOLS`: unimodal (Tables 1-4),
+multimodal (Table 5), fewshot and impurity (Fig. 5), neighbours (Fig. 2), backbones (Fig. 1),
+kmeans (Table 6), group (Fig. 4 and the covariance-trace set task).
 
 Example:
     >>> import numpy as np
-    >>> from dn2.bench import BenchData, unimodal
+    >>> from dn2.bench.data import BenchData
+    >>> from dn2.bench.protocols import unimodal
     >>> rng = np.random.default_rng(0)
     >>> centres = rng.normal(0, 10, (3, 8))
     >>> y_train, y_test = np.repeat(np.arange(3), 20), np.repeat(np.arange(3), 10)
@@ -20,58 +21,29 @@ Example:
     ...                  centres[y_test] + rng.normal(size=(30, 8)), y_test)
     >>> unimodal(data, k=2).row("mean")["ROCAUC %"]
     100.0
-
-Command line::
-
-    dn2 bench unimodal --data ../shared/datasets/cifar10-jpeg.zip --max-train-per-class 50 --max-test 500
-    dn2 bench all --data cifar10.zip --report bench-report/
 """
 
 from __future__ import annotations
 
-import argparse
-import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from .backbones import DEFAULT_BACKBONE
-from .datasets import FORMATS, LabelledDataset, Split, describe, load_dataset, subset
-from .features import PRECISIONS, RUNTIMES, backbone_names
-from .runtime import method_precision
-from .group import SetDetector, covariance_trace
-from .report import Plot, Table, format_table, write_html, write_table
-from .search import kmeans, knn, knn_score
-from .normalize import make_transform
+from ..config import working_memory_bytes
+from ..detector import clean_training_set
+from ..group import SetDetector, covariance_trace
+from ..search import kmeans, knn, knn_score
+from .data import BenchData, paper_numbers
+from .report import Plot, Table
 
 __all__ = [
-    "BenchData",
-    "PROTOCOLS",
-    "paper_numbers",
-    "rocauc",
-    "class_knn",
-    "unimodal",
-    "multimodal",
-    "fewshot",
-    "impurity",
-    "neighbours",
-    "backbones",
-    "kmeans_centres",
-    "group",
-    "set_task",
-    "limit_dataset",
-    "embed_dataset",
-    "normalized",
-    "run_protocols",
-    "add_bench_parser",
+    "PROTOCOLS", "Protocol", "rocauc", "class_knn", "unimodal", "multimodal", "fewshot", "impurity", "neighbours",
+    "backbones", "kmeans_centres", "group", "set_task", "run_protocols",
 ]
-
-PROTOCOLS = ("unimodal", "multimodal", "fewshot", "impurity", "neighbours", "backbones", "kmeans", "group", "all")
-LITE_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 SHOTS = (1, 2, 5, 10, 20, 50, 100, 500, None)  # None: all training images of the class
 IMPURITY_FRACTIONS = (0.0, 0.02, 0.05, 0.10, 0.15, 0.20)
@@ -79,67 +51,12 @@ NEIGHBOURS = (1, 2, 3, 5, 10, 20, 50)
 CENTRES = (1, 3, 5, 10)
 GROUP_SIZES = tuple(range(2, 11))
 POOLINGS = ("concat", "mean", "max")
-
-# Mean ROCAUC % the paper reports (ResNet-101 features). Only these; the rest are figures.
-PAPER = {
-    "cifar10": {"unimodal": 92.5, "multimodal": 71.7},
-    "fashion-mnist": {"unimodal": 94.4},
-    "cifar100": {"unimodal": 89.3},
-}
 FIGURE_ONLY = "paper: figure only (no numbers to compare with)"
 
-_BLOCK_BYTES = 128 * 2**20  # distance block per test chunk in the subset-based protocols
-
 
 # ---------------------------------------------------------------------------------------------
-# Data and small helpers
+# Small helpers
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class BenchData:
-    """Embeddings of a labelled dataset: ``x_train[i]`` has class ``y_train[i]`` (index into ``classes``)."""
-
-    name: str
-    classes: list[str]
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    backbone: str = ""
-    blocks: tuple[int, ...] | None = None  # column counts per backbone of an ensemble embedding
-
-    def __post_init__(self) -> None:
-        self.x_train = np.ascontiguousarray(self.x_train, dtype=np.float32)
-        self.x_test = np.ascontiguousarray(self.x_test, dtype=np.float32)
-        self.y_train = np.asarray(self.y_train, dtype=np.int64).reshape(-1)
-        self.y_test = np.asarray(self.y_test, dtype=np.int64).reshape(-1)
-        if len(self.x_train) != len(self.y_train) or len(self.x_test) != len(self.y_test):
-            raise ValueError("BenchData: each embedding needs exactly one label")
-        if self.x_train.ndim != 2 or self.x_test.ndim != 2 or self.x_train.shape[1] != self.x_test.shape[1]:
-            raise ValueError(f"BenchData: need 2-D embeddings of equal width, got {self.x_train.shape} and {self.x_test.shape}")
-
-    def train_of(self, c: int) -> np.ndarray:
-        """Training embeddings of class ``c``."""
-        return self.x_train[self.y_train == c]
-
-    def train_counts(self) -> np.ndarray:
-        return np.bincount(self.y_train, minlength=len(self.classes))
-
-    def describe(self) -> str:
-        return f"{self.name}" + (f", {self.backbone}" if self.backbone else "")
-
-
-def paper_numbers(data: BenchData) -> dict[str, float]:
-    """The paper's mean ROCAUC % for this dataset ({} unless the name matches cifar10*, fashion-mnist*, cifar100*)."""
-    name = re.sub(r"[^a-z0-9]", "", data.name.lower())
-    if name.startswith("cifar100"):
-        return PAPER["cifar100"] if len(data.classes) == 20 else {}  # the paper's 20 coarse classes
-    if name.startswith("cifar10"):
-        return PAPER["cifar10"]
-    if name.startswith(("fashionmnist", "fmnist")):
-        return PAPER["fashion-mnist"]
-    return {}
 
 
 def rocauc(is_anomaly: np.ndarray, scores: np.ndarray) -> float:
@@ -159,10 +76,10 @@ def _std(values: Sequence[float]) -> float:
 
 
 def _mean_of_k_smallest(dist: np.ndarray, k: int) -> np.ndarray:
-    """Row-wise mean of the k smallest values: the DN2 score from a full distance block."""
+    """The DN2 score (:func:`dn2.search.knn_score`) from a full distance block: each row's k smallest values."""
     if k < dist.shape[1]:
         dist = np.partition(dist, k - 1, axis=1)[:, :k]
-    return dist.mean(axis=1, dtype=np.float64)
+    return knn_score(dist)
 
 
 def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -177,8 +94,9 @@ def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _test_chunks(n_test: int, n_cols: int) -> Iterator[slice]:
-    """Row slices of the test set so one (rows x n_cols) float32 block stays within _BLOCK_BYTES."""
-    step = max(1, _BLOCK_BYTES // max(1, 4 * n_cols))
+    """Row slices of the test set so one (rows x n_cols) float32 block stays within half the working memory
+    (``dn2.config``; the other half holds the protocol's own temporaries)."""
+    step = max(1, working_memory_bytes() // 2 // max(1, 4 * n_cols))
     for start in range(0, n_test, step):
         yield slice(start, min(start + step, n_test))
 
@@ -348,15 +266,13 @@ def _subset_score(block: np.ndarray, candidates: tuple[np.ndarray, np.ndarray], 
 def _loo_clean(union: np.ndarray, candidates: tuple[np.ndarray, np.ndarray], kept: np.ndarray, k: int, fraction: float) -> np.ndarray:
     """The part of ``kept`` (indices into ``union``, a distance block with an inf diagonal) left by the
     paper's cleaning: the same rule as :func:`dn2.detector.clean_training_set`, on precomputed distances."""
-    n = len(kept)
-    kk = min(k, n - 1)
-    n_keep = max(kk + 1, int(round(n * (1.0 - fraction))))
-    if fraction == 0.0 or n_keep >= n:
+    kk = min(k, len(kept) - 1)
+    if fraction == 0.0:
         return kept
     members = np.zeros(len(union), dtype=bool)
     members[kept] = True
     loo = _subset_score(union, candidates, members, kk, rows=kept).astype(np.float32)
-    return kept[np.sort(np.argsort(loo, kind="stable")[:n_keep])]
+    return kept[clean_training_set(loo, fraction, kk)]
 
 
 def impurity(data: BenchData, k: int = 2, fractions: Sequence[float] = IMPURITY_FRACTIONS, clean: float = 0.5, seeds: int = 3) -> Table:
@@ -537,188 +453,65 @@ def set_task(data: BenchData, k: int = 2, set_sizes: tuple[int, int] = (10, 50),
                  plot=Plot("method", [("ROCAUC", "ROCAUC %", "std")], kind="bar"))
 
 
-# ---------------------------------------------------------------------------------------------
-# Running protocols: datasets -> embeddings -> tables
-# ---------------------------------------------------------------------------------------------
 
 
-def limit_dataset(ds: LabelledDataset, max_train_per_class: int | None = None, max_test: int | None = None, seed: int = 0) -> LabelledDataset:
-    """A smaller copy for quick runs: at most N random training images per class, ``max_test`` random test images."""
-    rng = np.random.default_rng(seed)
-    train, test = ds.train, ds.test
-    if max_train_per_class is not None:
-        keep = [rng.permutation(np.flatnonzero(train.labels == c))[:max_train_per_class] for c in range(len(ds.classes))]
-        train = subset(train, np.sort(np.concatenate(keep)))
-    if max_test is not None and max_test < len(test):
-        test = subset(test, np.sort(rng.permutation(len(test))[:max_test]))
-    return LabelledDataset(ds.name, ds.classes, train, test)
+@dataclass
+class Context:
+    """What the protocols of one run share: the embeddings (one dataset per backbone), k, seeds, and one
+    :func:`class_knn` of the first dataset, computed on first use for the largest k any protocol needs."""
+
+    datas: dict[str, BenchData]
+    k: int = 2
+    seeds: int = 3
+    k_max: int = 2
+    _class_dist: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def data(self) -> BenchData:
+        return next(iter(self.datas.values()))
+
+    def class_dist(self, k: int | None = None) -> np.ndarray:
+        if self._class_dist is None:
+            self._class_dist = class_knn(self.data, min(self.k_max, int(self.data.train_counts().max())))
+        return self._class_dist if k is None else self._class_dist[:, :, :k]
 
 
-def embed_dataset(ds: LabelledDataset, backbone: str = DEFAULT_BACKBONE, *, cache_dir: str | None = None, use_cache: bool = True,
-                  echo: Callable[[str], None] = print, **embedder_options: Any) -> BenchData:
-    """Embed both splits with one backbone, through the embedding cache; prints the wall time of each.
+@dataclass(frozen=True)
+class Protocol:
+    """A registered protocol: its name, what it reproduces, the largest k it uses, and how it runs."""
 
-    Example:
-        >>> from dn2.datasets import load_dataset
-        >>> data = embed_dataset(load_dataset("cifar10.zip"), "efficientnet_lite0")  # doctest: +SKIP
-    """
-    from .cache import cached_embed
-    from .features import Embedder
-
-    embedder = Embedder(backbone=backbone, **embedder_options)
-    vectors, labels = {}, {}
-    for split_name, split in (("train", ds.train), ("test", ds.test)):
-        start = time.perf_counter()
-        emb = cached_embed(embedder, split.source, cache_dir, use_cache=use_cache)
-        vectors[split_name], labels[split_name] = emb.vectors, _labels_of(split, emb.names)
-        echo(f"embedded {split_name}: {len(emb.vectors):,} images with {backbone} in {time.perf_counter() - start:.1f} s")
-    blocks = tuple(embedder.part_dims()) if len(backbone_names(backbone)) > 1 else None  # an ensemble's parts
-    return BenchData(ds.name, ds.classes, vectors["train"], labels["train"], vectors["test"], labels["test"], backbone=backbone,
-                     blocks=blocks)
+    name: str
+    reproduces: str
+    run: Callable[[Context], list[Table]]
+    k_max: Callable[[int], int] = lambda k: k
 
 
-STATELESS_NORMALIZATIONS = ("none", "l2", "sqrt_l2")
-
-
-def normalized(data: BenchData, normalize: str) -> BenchData:
-    """The same embeddings through a row-wise transform of :mod:`dn2.normalize` (``l2``, ``sqrt_l2``).
-
-    Only row-wise transforms: they need no fitting, so every protocol (whose normal sets change
-    from row to row) sees exactly what ``KNNDetector(normalize=...)`` would.
-    """
-    if normalize not in STATELESS_NORMALIZATIONS:
-        raise ValueError(f"dn2 bench --normalize takes one of {STATELESS_NORMALIZATIONS} (row-wise); "
-                         f"fitted transforms such as {normalize!r} are compared in benchmarks/ablation.py")
-    t = make_transform(normalize, data.blocks)  # an ensemble: each backbone's part on its own
-    return BenchData(data.name, data.classes, t.transform(data.x_train), data.y_train, t.transform(data.x_test), data.y_test,
-                     backbone=f"{data.backbone}, {normalize}" if data.backbone else normalize)
-
-
-def _labels_of(split: Split, names: list[str]) -> np.ndarray:
-    """Labels of the embedded images (all of them, or those left after skipping bad ones)."""
-    if len(names) == len(split):
-        return split.labels
-    embedded = set(names)
-    return split.labels[[i for i in range(len(split)) if split.source.name(i) in embedded]]
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in [
+    Protocol("unimodal", "Tables 1-4", lambda c: [unimodal(c.data, c.k, class_dist=c.class_dist(c.k))]),
+    Protocol("multimodal", "Table 5", lambda c: [multimodal(c.data, c.k, class_dist=c.class_dist(c.k))]),
+    Protocol("fewshot", "Fig. 5 left/centre", lambda c: [fewshot(c.data, c.k, seeds=c.seeds)]),
+    Protocol("impurity", "Fig. 5 right", lambda c: [impurity(c.data, c.k, seeds=c.seeds)]),
+    Protocol("neighbours", "Fig. 2", lambda c: [neighbours(c.data, class_dist=c.class_dist())],
+             k_max=lambda k: max(k, *NEIGHBOURS)),
+    Protocol("backbones", "Fig. 1",
+             lambda c: [backbones(c.datas, c.k, class_dists={next(iter(c.datas)): c.class_dist(c.k)})]),
+    Protocol("kmeans", "Table 6", lambda c: [kmeans_centres(c.data, c.k, class_dist=c.class_dist(c.k))]),
+    Protocol("group", "Fig. 4 and the set task", lambda c: [group(c.data, c.k, seeds=c.seeds),
+                                                            set_task(c.data, c.k, seeds=c.seeds)]),
+]}
 
 
 def run_protocols(protocol: str, datas: dict[str, BenchData], k: int = 2, seeds: int = 3,
                   echo: Callable[[str], None] = print) -> list[Table]:
-    """Run one protocol (or ``all``) on the first dataset of ``datas`` (``backbones``: on each);
-    prints each protocol's wall time. One :func:`class_knn` of the first dataset is shared by the
-    protocols that score with the full training sets."""
-    names = [p for p in PROTOCOLS if p != "all"] if protocol == "all" else [protocol]
-    data = next(iter(datas.values()))
-    shared: dict[int, np.ndarray] = {}
-
-    def class_dist() -> np.ndarray:
-        if not shared:
-            k_max = min(max([k] + (list(NEIGHBOURS) if "neighbours" in names else [])), int(data.train_counts().max()))
-            shared[0] = class_knn(data, k_max)
-        return shared[0]
-
+    """Run one registered protocol (or ``all``) on the first dataset of ``datas`` (``backbones``: on each);
+    reports each protocol's wall time through ``echo``."""
+    if protocol != "all" and protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)} or all")
+    chosen = list(PROTOCOLS.values()) if protocol == "all" else [PROTOCOLS[protocol]]
+    context = Context(datas, k=k, seeds=seeds, k_max=max(p.k_max(k) for p in chosen))
     tables: list[Table] = []
-    for name in names:
+    for p in chosen:
         start = time.perf_counter()
-        if name == "unimodal":
-            new = [unimodal(data, k, class_dist=class_dist()[:, :, :k])]
-        elif name == "multimodal":
-            new = [multimodal(data, k, class_dist=class_dist()[:, :, :k])]
-        elif name == "neighbours":
-            new = [neighbours(data, class_dist=class_dist())]
-        elif name == "fewshot":
-            new = [fewshot(data, k, seeds=seeds)]
-        elif name == "impurity":
-            new = [impurity(data, k, seeds=seeds)]
-        elif name == "backbones":
-            new = [backbones(datas, k, class_dists={next(iter(datas)): class_dist()[:, :, :k]})]
-        elif name == "kmeans":
-            new = [kmeans_centres(data, k, class_dist=class_dist()[:, :, :k])]
-        elif name == "group":
-            new = [group(data, k, seeds=seeds), set_task(data, k, seeds=seeds)]
-        else:
-            raise ValueError(f"unknown protocol {name!r}; expected one of {', '.join(PROTOCOLS)}")
-        echo(f"{name}: {time.perf_counter() - start:.1f} s")
-        tables += new
+        tables += p.run(context)
+        echo(f"{p.name}: {time.perf_counter() - start:.1f} s")
     return tables
-
-
-def _backbone_list(args: argparse.Namespace) -> list[str]:
-    if args.backbone:
-        return [b.strip() for b in args.backbone.split(",") if b.strip()]
-    return list(LITE_BACKBONES) if args.protocol in ("backbones", "all") else [DEFAULT_BACKBONE]
-
-
-def _command_line(args: argparse.Namespace) -> str:
-    """The options that shape the results, as a command to paste (for the report)."""
-    parts = ["dn2 bench", args.protocol, "--data", str(args.data)]
-    for option in ("backbone", "normalize", "k", "seeds", "max_train_per_class", "max_test", "format", "precision", "runtime"):
-        value, default = getattr(args, option), {"k": 2, "seeds": 3, "format": "auto", "precision": "auto", "runtime": "auto",
-                                                 "normalize": "none"}.get(option)
-        if value is not None and value != default:
-            parts += [f"--{option.replace('_', '-')}", str(value)]
-    return " ".join(parts)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    """``dn2 bench``: load, (limit), embed once per backbone, run, print and write tables."""
-    total = time.perf_counter()
-    if args.k < 1 or args.seeds < 1:
-        raise ValueError("--k and --seeds must be at least 1")
-    ds = limit_dataset(load_dataset(args.data, format=args.format), args.max_train_per_class, args.max_test)
-    print(describe(ds))
-    names = _backbone_list(args)
-    if args.protocol not in ("backbones", "all"):
-        names = names[:1]  # the other protocols use the first backbone listed
-    options = dict(batch_size=args.batch_size, num_workers=args.workers,
-                   precision=method_precision(args.precision, args.normalize),
-                   runtime=args.runtime, progress=not args.quiet, skip_bad=args.skip_bad)
-    datas = {b: embed_dataset(ds, b, cache_dir=args.cache_dir, use_cache=not args.no_cache, **options) for b in names}
-    if args.normalize != "none":
-        datas = {b: normalized(d, args.normalize) for b, d in datas.items()}
-    tables = run_protocols(args.protocol, datas, k=args.k, seeds=args.seeds)
-    for table in tables:
-        print()
-        print(format_table(table))
-        write_table(table, args.out)
-    print(f"\nwrote {len(tables)} table(s) (CSV, markdown, PNG) to {args.out}")
-    if args.report:
-        command = _command_line(args)
-        preamble = [describe(ds), f"backbones: {', '.join(names)}; k={args.k}; seeds={args.seeds}", f"command: {command}"]
-        index = write_html(tables, args.report, title=f"dn2 bench {args.protocol}: {ds.name}", preamble=preamble)
-        print(f"wrote report {index}")
-    print(f"total wall time {time.perf_counter() - total:.1f} s")
-    return 0
-
-
-def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
-    """Register ``dn2 bench`` on the ``dn2`` command's subparsers."""
-    p = sub.add_parser(
-        "bench", help="reproduce the paper's protocols on a labelled dataset",
-        description="Run the DN2 paper's protocols on a labelled dataset (class folders, zip, CIFAR, idx, CSV); "
-                    "writes <protocol>.csv/.md/.png to --out. Example: dn2 bench unimodal --data cifar10.zip",
-    )
-    p.add_argument("protocol", choices=PROTOCOLS, help="which protocol (all: every one)")
-    p.add_argument("--data", required=True, help="dataset: class folders (train/ test/), zip, CIFAR/MNIST files, CSV manifest")
-    p.add_argument("--format", choices=FORMATS, default="auto", help="dataset format (default: detect)")
-    p.add_argument("--backbone", default=None,
-                   help=f"backbone(s), comma-separated (default {DEFAULT_BACKBONE}; for backbones/all: {','.join(LITE_BACKBONES)}); "
-                        "protocols other than backbones use the first")
-    p.add_argument("--k", type=int, default=2, help="neighbours averaged in the score (default 2)")
-    p.add_argument("--normalize", choices=STATELESS_NORMALIZATIONS, default="none",
-                   help="row-wise embedding transform before the kNN (default none: the paper's method)")
-    p.add_argument("--seeds", type=int, default=3, help="random draws for fewshot, impurity, group (default 3)")
-    p.add_argument("--out", default="bench-out", help="directory for <protocol>.csv/.md/.png, overwritten (default bench-out/)")
-    p.add_argument("--report", default=None, metavar="DIR", help="also write a self-contained HTML report (index.html) with markdown and CSV here")
-    p.add_argument("--no-cache", action="store_true", help="always embed, never read or write the embedding cache")
-    p.add_argument("--cache-dir", default=None, help="embedding cache directory (default $DN2_CACHE or ~/.cache/dn2/embeddings)")
-    p.add_argument("--max-train-per-class", type=int, default=None, metavar="N", help="use at most N random training images per class")
-    p.add_argument("--max-test", type=int, default=None, metavar="N", help="use at most N random test images")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="inference precision (default: auto)")
-    p.add_argument("--runtime", choices=RUNTIMES, default="auto", help="inference runtime (default: auto)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the runtime's fastest)")
-    p.add_argument("--workers", type=int, default=None, help="image decoding processes (default: auto)")
-    p.add_argument("--skip-bad", action="store_true", help="warn about unreadable images and go on")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_bench)
-    return p

@@ -1,11 +1,11 @@
 """Benchmark result tables and how they are written: console text, CSV, markdown, PNG, one HTML page.
 
-A :class:`Table` is what every protocol of :mod:`dn2.bench` returns: named columns, rows of
+A :class:`Table` is what every protocol of :mod:`dn2.bench.protocols` returns: named columns, rows of
 plain values (ROCAUC in %), notes, and optionally how to plot it. Writing is kept apart from
 computing so protocols stay pure functions that are easy to test.
 
 Example:
-    >>> from dn2.report import Table, format_table
+    >>> from dn2.bench.report import Table, format_table
     >>> t = Table("demo", "Demo", ["class", "ROCAUC %"], [["cat", 91.34], ["mean", 91.34]])
     >>> print(format_table(t).splitlines()[-1])
     mean       91.3
