@@ -60,9 +60,10 @@ def test_corrupt_image_is_named_or_skipped(image_folders, tmp_path, capsys):
     assert "broken.png" in capsys.readouterr().err
     assert not model.exists()
     with pytest.warns(UserWarning, match="broken.png"):
-        assert main(["fit", str(image_folders["normal"]), "-o", str(model), "--quiet", "--skip-bad"]) == 0
+        code = main(["fit", str(image_folders["normal"]), "-o", str(model), "--quiet", "--skip-bad"])
     captured = capsys.readouterr()
-    assert "fitted on 12 of 12" in captured.out and "skipped 1 bad image" in captured.err
+    assert code == 1  # done, but something was skipped
+    assert "fitted on 12 of 12" in captured.out and "skipped" in captured.err and "broken.png" in captured.err
 
 
 def test_empty_folder_and_wrong_model_file(tmp_path, capsys):
@@ -122,3 +123,51 @@ def test_fit_with_the_approximate_index_and_its_parameters(image_folders, tmp_pa
     assert main(["fit", str(image_folders["normal"]), "-o", str(tmp_path / "x.dn2"), "--quiet", "--index", "ivf",
                  "--index-param", "nprob=2"]) == 2
     assert "nprob" in capsys.readouterr().err and not (tmp_path / "x.dn2").exists()
+
+
+@pytest.mark.parametrize("bad", [
+    ["--k", "0"], ["--fpr", "2"], ["--clean", "1.5"], ["--contamination", "0.7"], ["--n-centres", "0"],
+    ["--index", "ivf", "--index-param", "nprob=3"], ["--index", "annoy"], ["--batch-size", "0"], ["--workers", "-1"],
+])
+def test_fit_reports_bad_parameters_before_embedding_anything(bad, image_folders, tmp_path, capsys, monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("an image was embedded before the parameters were checked")
+
+    monkeypatch.setattr(dn2.Embedder, "embed", must_not_run)
+    code = main(["fit", str(image_folders["normal"]), "-o", str(tmp_path / "m.dn2"), "--quiet", *bad])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("dn2: error:") and "Traceback" not in err
+    assert not (tmp_path / "m.dn2").exists()
+
+
+@pytest.mark.parametrize("output, problem", [
+    ("missing/m.dn2", "does not exist"), ("a_folder", "is a folder"), ("x" * 300 + ".dn2", "too long"),
+])
+def test_bad_output_paths_are_one_line_errors_before_any_work(output, problem, image_folders, tmp_path, capsys, monkeypatch):
+    (tmp_path / "a_folder").mkdir()
+    monkeypatch.setattr(dn2.Embedder, "embed", lambda *a, **k: pytest.fail("embedded before checking the output"))
+    assert main(["fit", str(image_folders["normal"]), "-o", str(tmp_path / output), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert problem in err and len(err.strip().splitlines()) == 1
+
+
+def test_score_checks_the_csv_path_before_loading_or_embedding(tmp_path, capsys):
+    assert main(["score", str(tmp_path / "no-model.dn2"), str(tmp_path), "--csv", str(tmp_path / "nope" / "s.csv")]) == 2
+    assert "nope" in capsys.readouterr().err  # the CSV path is named, not the missing model
+
+
+def test_csv_is_written_atomically_and_an_old_one_survives_a_failure(image_folders, tmp_path, capsys, monkeypatch):
+    model = tmp_path / "m.dn2"
+    assert main(["fit", str(image_folders["normal"]), "-o", str(model), "--quiet", "--weights", "random",
+                 "--backbone", "efficientnet_lite0"]) == 0
+    out = tmp_path / "s.csv"
+    out.write_text("precious")
+
+    def broken_writerows(self, rows):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", broken_writerows)
+    assert main(["score", str(model), str(image_folders["test"]), "--csv", str(out), "--force", "--quiet",
+                 "--weights", "random"]) == 2
+    assert out.read_text() == "precious" and "disk full" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left behind

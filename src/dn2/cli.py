@@ -26,18 +26,33 @@ from .images import BadImageError
 from .modelfile import ModelFileError
 from .normalize import NORMALIZATIONS, STATELESS_NORMALIZATIONS
 
-EXPECTED_ERRORS = (BadImageError, ModelFileError, BackboneWeightsError, FileNotFoundError, FileExistsError, ValueError)
+# User errors: reported in one line naming the file or option, exit code 2. OSError covers the file system's
+# own refusals (name too long, no permission, disk full), which are the user's to fix, not tracebacks.
+EXPECTED_ERRORS = (BadImageError, ModelFileError, BackboneWeightsError, ValueError, TypeError, OSError)
+
+EXIT_OK, EXIT_SKIPPED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_CODES = """exit codes: 0 done; 1 done, but some input images were skipped (--skip-bad; listed in the output
+and the CSV); 2 error, nothing written; 130 interrupted"""
 
 
-def _add_runtime_options(p: argparse.ArgumentParser) -> None:
+def _add_runtime_options(p: argparse.ArgumentParser, *, scoring: bool = False) -> None:
     p.add_argument("--weights", help="local backbone weights file (safetensors or state dict)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="inference precision (default: auto = bf16 on CPUs with native bf16, else fp32)")
+    if scoring:
+        p.add_argument("--precision", choices=PRECISIONS, default=None,
+                       help="inference precision (default: the one the model was fitted in; another one shifts "
+                            "scores slightly and is warned about)")
+        p.add_argument("--allow-download", action="store_true",
+                       help="let the backbone's weights be downloaded if they are not on this machine (never by default)")
+    else:
+        p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                       help="inference precision (default: auto = bf16 on CPUs with native bf16 for methods measured "
+                            "safe with it, else fp32); recorded in the model and used again for scoring")
     p.add_argument("--runtime", choices=RUNTIMES, default="auto",
                    help="inference runtime (default: auto = openvino when installed, else onnx/torch)")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the runtime's fastest)")
     p.add_argument("--workers", type=int, default=None, help="image decoding processes (default: auto)")
-    p.add_argument("--skip-bad", action="store_true", help="warn about unreadable images and go on")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="warn about unreadable images and go on (exit code 1 if any was skipped)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -60,13 +75,11 @@ def _index_params(items: Sequence[str]) -> dict[str, int | str]:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from .detector import DN2
-    from .search import make_index
+    from .images import as_source
+    from .outputs import check_output_path
 
-    out = Path(args.output)
-    if out.exists() and not args.force:  # fail before the (long) embedding, not after
-        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
-    index_params = _index_params(args.index_param)
-    make_index(args.index, **index_params)  # unknown kinds or parameters fail now, not after embedding
+    # Everything that can be wrong is checked before the (long) embedding: output path, parameters, inputs.
+    out = check_output_path(args.output, force=args.force, what="model file")
     stages = tuple(int(v) for v in args.stages.split(",") if v.strip()) if args.stages is not None else None
     model = DN2(
         preset=args.preset,
@@ -81,34 +94,58 @@ def cmd_fit(args: argparse.Namespace) -> int:
         fpr=args.fpr,
         n_centres=args.n_centres,
         index=args.index,
-        index_params=index_params or None,
+        index_params=_index_params(args.index_param) or None,
         batch_size=args.batch_size,
         num_workers=args.workers,
         precision=args.precision,
         runtime=args.runtime,
         progress=not args.quiet,
         skip_bad=args.skip_bad,
-    ).fit(_inputs(args.images))
+    )
+    model.check_params()
+    source = as_source(_inputs(args.images))
+    model.fit(source)
     model.save(out, force=args.force)
     det = model.detector
     print(
         f"fitted on {len(det.kept_)} of {len(det.train_scores_)} images "
         f"({len(det.memory_)} embeddings kept), threshold {det.threshold_:.4f}; saved {out}"
     )
-    return 0
+    for message in model.skipped_:
+        print(f"skipped {message}", file=sys.stderr)
+    return EXIT_SKIPPED if model.skipped_ else EXIT_OK
+
+
+def _write_csv(path: Path, rows: list[dict[str, str]], force: bool) -> None:
+    """The score table as CSV, written atomically (a crash never leaves half a file or loses the old one)."""
+    from .outputs import atomic_path
+
+    fields = list(rows[0]) if rows else ["image", "anomaly_score", "verdict"]
+    for r in rows:
+        fields += [f for f in r if f not in fields]
+    with atomic_path(path, force=force, what="CSV file") as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
     from .detector import DN2, load
+    from .images import as_source
+    from .outputs import check_output_path
 
-    if args.csv and Path(args.csv).exists() and not args.force:
-        raise FileExistsError(f"{args.csv} exists; pass --force to overwrite it")
-    model = load(args.model, weights=args.weights)
+    csv_path = check_output_path(args.csv, force=args.force, what="CSV file") if args.csv else None
+    if args.explain < 0:
+        raise ValueError(f"--explain takes a number of neighbours >= 0, got {args.explain}")
+    model = load(args.model, weights=args.weights, allow_download=args.allow_download, progress=not args.quiet,
+                 skip_bad=args.skip_bad, runtime=args.runtime, batch_size=args.batch_size, num_workers=args.workers)
     if not isinstance(model, DN2):
         raise ValueError(f"{args.model} holds a detector on embeddings, not an image model")
-    model.set_params(progress=not args.quiet, skip_bad=args.skip_bad, precision=args.precision,
-                     runtime=args.runtime, batch_size=args.batch_size, num_workers=args.workers)
-    emb = model.embed(_inputs(args.images))
+    if args.precision is not None:
+        model.set_params(precision=args.precision)
+    source = as_source(_inputs(args.images))
+    emb = model.embed(source)
     det = model.detector
     scores = det.anomaly_score(emb.vectors) if len(emb.vectors) else []
     neighbours = det.nearest(emb.vectors, args.explain) if args.explain and len(emb.vectors) else None
@@ -131,16 +168,12 @@ def cmd_score(args: argparse.Namespace) -> int:
         print(f"{r['image']:<{width}}  {r['anomaly_score']:>13}  {r['verdict']:<7}{extra}")
     n_anom = sum(r["verdict"] == "anomaly" for r in rows)
     print(f"{n_anom} of {len(rows)} images flagged as anomalies" + (f"; {len(emb.skipped)} skipped" if emb.skipped else ""))
-    if args.csv:
-        fields = list(rows[0]) if rows else ["image", "anomaly_score", "verdict"]
-        for r in rows:
-            fields += [f for f in r if f not in fields]
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {args.csv}")
-    return 0
+    for message in emb.skipped:
+        print(f"skipped {message}", file=sys.stderr)
+    if csv_path is not None:
+        _write_csv(csv_path, rows, args.force)
+        print(f"wrote {csv_path}")
+    return EXIT_SKIPPED if emb.skipped else EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -248,10 +281,11 @@ def _add_bench_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dn2", description="Deep Nearest Neighbor image anomaly detection.")
+    parser = argparse.ArgumentParser(prog="dn2", description="Deep Nearest Neighbor image anomaly detection.",
+                                     epilog=EXIT_CODES)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("fit", help="fit a model on a folder (or files, or a zip) of normal images")
+    p = sub.add_parser("fit", help="fit a model on a folder (or files, or a zip) of normal images", epilog=EXIT_CODES)
     p.add_argument("images", nargs="+", help="folder(s), zip archive(s) or image files of normal images")
     p.add_argument("-o", "--output", required=True, help="model file to write")
     p.add_argument("--preset", choices=sorted(PRESETS), default="best",
@@ -275,13 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_options(p)
     p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("score", help="score images with a fitted model")
+    p = sub.add_parser("score", help="score images with a fitted model", epilog=EXIT_CODES)
     p.add_argument("model", help="model file written by dn2 fit")
     p.add_argument("images", nargs="+", help="folder(s), zip archive(s) or image files")
     p.add_argument("--csv", help="also write the scores to this CSV file")
     p.add_argument("--explain", type=int, default=0, metavar="N", help="show the N nearest normal training images")
     p.add_argument("--force", action="store_true", help="overwrite an existing CSV file")
-    _add_runtime_options(p)
+    _add_runtime_options(p, scoring=True)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("demo", help="one-class DN2 on scikit-learn's digits (offline)")
@@ -305,10 +339,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except EXPECTED_ERRORS as e:
         print(f"dn2: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("dn2: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

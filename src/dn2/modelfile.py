@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import stat
 import warnings
 from dataclasses import dataclass
@@ -27,6 +26,8 @@ from typing import Any
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
+
+from .outputs import atomic_path
 
 FORMAT_NAME = "dn2-model"
 FORMAT_VERSION = 2  # 2: the header is covered by the envelope's "integrity" digest
@@ -114,22 +115,8 @@ def write_model(path: str | os.PathLike, header: dict, tensors: dict[str, np.nda
         text = json.dumps(envelope, allow_nan=False)  # ASCII: lone surrogates in odd file names stay valid
     except ValueError as e:  # NaN/inf, circular references
         raise ValueError(f"model header is not JSON-serialisable: {e}") from None
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{path.parent}: directory does not exist (writing {path})")
-    if not force and (path.exists() or path.is_symlink()):
-        raise FileExistsError(f"{path}: file exists; use --force (force=True) to overwrite it")
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # honours umask
-    try:
+    with atomic_path(path, force=force, what="model file") as tmp:
         save_file(arrays, str(tmp), metadata={_METADATA_KEY: text})
-        with open(tmp, "rb+") as f:  # data on disk before the rename makes it visible
-            os.fsync(f.fileno())
-        if not force and (path.exists() or path.is_symlink()):  # created while we wrote
-            raise FileExistsError(f"{path}: file exists; use --force (force=True) to overwrite it")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
