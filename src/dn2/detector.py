@@ -307,7 +307,10 @@ class KNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
             raise ValueError(f"threshold must be a finite number, got {threshold!r}")
         state = {key.split("/", 1)[1]: value for key, value in tensors.items() if key.startswith("normalize/")}
         det.normalizer_ = transform_from_state(det.normalize, state, det.blocks, **(det.normalize_params or {}))
-        probe = det.normalizer_.transform(np.zeros((1, n_features), dtype=np.float32))
+        try:
+            probe = det.normalizer_.transform(np.zeros((1, n_features), dtype=np.float32))
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"the {det.normalize!r} transform's state does not fit {n_features} features ({e})") from None
         if probe.shape != (1, n_features):
             raise ValueError(f"the {det.normalize!r} transform's state does not fit {n_features} features")
         det._set_memory(memory, list(names))
