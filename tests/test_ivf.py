@@ -1,11 +1,9 @@
-"""Tests for dn2.ivf.IvfIndex, the batched inverted-file index behind make_index("ivf")."""
+"""Tests for dn2.search.IvfIndex, the batched inverted-file index behind make_index("ivf")."""
 
 import numpy as np
 import pytest
 
-from dn2 import ivf
-from dn2.ivf import IvfIndex, default_nlist
-from dn2.search import knn, make_index, recall_at_k
+from dn2.search import IvfIndex, default_nlist, ivf, knn, make_index, recall_at_k
 
 PRECISIONS = ["fp32", "bf16"]
 
@@ -44,9 +42,9 @@ def test_cells_and_query_groups_taken_in_blocks(monkeypatch):
     # A few huge cells screened in blocks of 7 rows, for groups of 5 queries, in chunks of 13, give the same answer.
     train, queries = blobs(600, dim=8, centres=3), blobs(40, dim=8, centres=3, seed=1)
     expected = IvfIndex(nlist=3, nprobe=3, precision="fp32").fit(train).search(queries, 4)
-    monkeypatch.setattr(ivf, "_CELL_BLOCK", 7)
-    monkeypatch.setattr(ivf, "_QUERY_GROUP", 5)
-    monkeypatch.setattr(ivf, "_QUERY_CHUNK", 13)
+    monkeypatch.setattr(ivf, "CELL_BLOCK", 7)
+    monkeypatch.setattr(ivf, "QUERY_GROUP", 5)
+    monkeypatch.setattr(ivf, "QUERY_CHUNK", 13)
     for precision in PRECISIONS:
         dist, idx = IvfIndex(nlist=3, nprobe=3, precision=precision).fit(train).search(queries, 4)
         np.testing.assert_array_equal(idx, expected[1])

@@ -311,6 +311,101 @@ def test_faiss_ivf_trains_on_a_sample_of_large_training_sets():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(3000, 16)).astype(np.float32)
     index = make_index("ivf_faiss", nlist=4, nprobe=4, train_rows=500).fit(X)
-    assert len(index._training_sample(X)) == 500 and index.ntotal == 3000  # every row is still indexed
+    assert len(index.training_sample(X)) == 500 and index.ntotal == 3000  # every row is still indexed
     dist, idx = index.search(X[:5], 1)
     np.testing.assert_array_equal(idx[:, 0], np.arange(5))  # nprobe = nlist: exhaustive, exact
+
+
+def far_clusters(n, dim=32, seed=0):
+    """Two tight clusters 100 apart: the centred rows are ~150x longer than neighbour distances, so bf16
+    rounding of the rows (~2^-8 of their length) reorders near-tied neighbours."""
+    rng = np.random.default_rng(seed)
+    mu = np.zeros(dim)
+    mu[0] = 50.0
+    return np.vstack([mu + 0.5 * rng.normal(size=(n, dim)), -mu + 0.5 * rng.normal(size=(n, dim))]).astype(np.float32)
+
+
+def test_bf16_screening_of_near_ties_still_returns_the_true_neighbours():
+    # Regression: bf16 screening alone (k + 32 candidates) missed true neighbours here in most queries.
+    # The certificate sees that the bf16 error exceeds the gap and redoes those queries in fp32.
+    train, queries = far_clusters(300), far_clusters(10, seed=1)
+    stats = {}
+    dist, idx = knn(train, queries, 2, precision="bf16", stats=stats)
+    ref_d, ref_i = brute_force(train, queries, 2)
+    np.testing.assert_array_equal(idx, ref_i)
+    np.testing.assert_allclose(dist, ref_d, rtol=1e-5)
+    assert stats == {"precision": "bf16", "queries": 20, "uncertified": 20}
+    # the same through the exact index, leave-one-out
+    dist, idx = make_index("exact", precision="bf16").fit(train).search_self(3)
+    ref_d, ref_i = brute_force(train, train, 3, exclude_self=True)
+    np.testing.assert_array_equal(idx, ref_i)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_certified_queries_are_not_searched_twice(precision):
+    # Ordinary data: the gap between the k-th and the (k + margin)-th candidate dwarfs the rounding bound.
+    rng = np.random.default_rng(7)
+    train, queries = rng.normal(size=(3000, 64)).astype(np.float32), rng.normal(size=(100, 64)).astype(np.float32)
+    stats = {}
+    _, idx = knn(train, queries, 5, precision=precision, stats=stats)
+    assert stats == {"precision": precision, "queries": 100, "uncertified": 0}
+    np.testing.assert_array_equal(idx, brute_force(train, queries, 5)[1])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_ties_beyond_the_margin_fall_back_to_an_exhaustive_pass(precision, exclude_self):
+    # 50 copies of one row (more than k + margin candidates) tie exactly: no cut can certify, so the
+    # fp32 range pass computes all their distances and the lowest indices win, as in brute force.
+    rng = np.random.default_rng(3)
+    train = rng.normal(size=(400, 16)).astype(np.float32)
+    copies = np.sort(rng.choice(400, size=50, replace=False))
+    train[copies] = train[copies[-1]]
+    queries = None if exclude_self else train[copies[-1]][None, :] + 0.01
+    q = train if exclude_self else queries
+    stats = {}
+    dist, idx = knn(train, queries, 3, exclude_self=exclude_self, precision=precision, block_rows=64, stats=stats)
+    ref_d, ref_i = brute_force(train, q, 3, exclude_self=exclude_self)
+    rows = copies if exclude_self else [0]
+    np.testing.assert_array_equal(idx[rows], ref_i[rows])
+    np.testing.assert_allclose(dist, ref_d, rtol=1e-5, atol=1e-6)
+    assert stats["uncertified"] >= len(rows)
+    if exclude_self:
+        assert idx[copies[0]].tolist() == copies[1:4].tolist()
+
+
+def test_working_memory_setting_is_read_at_call_time(monkeypatch, data):
+    # A smaller dn2.config working memory gives smaller query chunks, with the same answer.
+    from dn2.config import config_context
+    from dn2.search import exact
+
+    chunks = []
+    real_screen = exact.screen
+    monkeypatch.setattr(exact, "screen", lambda qc, *a, **kw: chunks.append(len(qc)) or real_screen(qc, *a, **kw))
+    train = np.random.default_rng(0).normal(size=(500, 512)).astype(np.float32)
+    expected = knn(train, None, 3)
+    assert max(chunks) == 500
+    chunks.clear()
+    with config_context(working_memory=1):
+        got = knn(train, None, 3)
+    assert max(chunks) < 500
+    np.testing.assert_array_equal(got[1], expected[1])
+
+
+def test_auto_precision_leaves_bf16_when_it_stops_certifying(monkeypatch):
+    # On a native-bf16 CPU "auto" screens large problems in bf16; where most of a chunk's queries then
+    # need the fp32 pass (near-ties everywhere), the remaining chunks are screened in fp32 directly.
+    from dn2.search import exact
+
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(exact, "BF16_MIN_WORK", 0)
+    train, queries = far_clusters(300), far_clusters(10, seed=1)
+    stats = {}
+    _, idx = knn(train, queries, 2, chunk_size=5, stats=stats)
+    assert stats == {"precision": "bf16+fp32", "queries": 20, "uncertified": 5}  # only the first chunk redone
+    np.testing.assert_array_equal(idx, brute_force(train, queries, 2)[1])
+    rng = np.random.default_rng(6)  # ordinary data: bf16 certifies, and stays
+    stats = {}
+    knn(rng.normal(size=(2000, 64)).astype(np.float32), rng.normal(size=(40, 64)).astype(np.float32), 2,
+        chunk_size=10, stats=stats)
+    assert stats == {"precision": "bf16", "queries": 40, "uncertified": 0}

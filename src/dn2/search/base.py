@@ -1,0 +1,154 @@
+"""What every index kind shares: the :class:`Index` protocol, declarative parameter checks, leave-one-out.
+
+An index is fitted on a float32 matrix and answers ``search(Q, k) -> (dist, idx)``: Euclidean
+distances (never squared) ascending and int64 row numbers, both (n_queries, k). ``search_self(k)``
+is the leave-one-out search of the fitted rows (row i never returns index i). For model files,
+``state()`` gives the arrays that rebuild the fitted index beyond the data itself, and
+``restore(X, state)`` rebuilds it from the data and those arrays without recomputing them.
+
+Example:
+    >>> spec = {"nprobe": Param(int, low=1, doc="cells visited per query")}
+    >>> check_params("ivf", spec, {"nprobe": 8})
+    {'nprobe': 8}
+    >>> check_params("ivf", spec, {"nprobe": 0})
+    Traceback (most recent call last):
+    ...
+    dn2.search.base.ParameterError: ivf: nprobe must be a positive integer, got 0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+import numpy as np
+
+from .kernels import check_k
+
+__all__ = ["Index", "Param", "ParameterError", "check_params", "leave_one_out"]
+
+
+@runtime_checkable
+class Index(Protocol):
+    """A kNN index of one kind; every kind of :data:`dn2.search.INDEX_KINDS` satisfies it.
+
+    State for model files: ``state()`` returns named float32/int64 arrays (empty for kinds that
+    rebuild from the data alone, such as "exact" and the FAISS kinds: FAISS' own index files are
+    never read, as a hostile file could exploit the reader). ``restore(X, state)`` on an unfitted
+    index made with the same ``params`` rebuilds the fitted index; it validates the arrays.
+    """
+
+    kind: str
+
+    @property
+    def ntotal(self) -> int:
+        """Number of indexed rows (0 before fit)."""
+        ...
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The parameters given at construction (as passed to :func:`dn2.search.make_index`)."""
+        ...
+
+    def fit(self, X: np.ndarray) -> Index:
+        """Index the rows of X (n, d) float32; returns self."""
+        ...
+
+    def search(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(dist (nq, k) float32 ascending, idx (nq, k) int64) of the k nearest indexed rows of each query."""
+        ...
+
+    def search_self(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Leave-one-out search of the indexed rows: row i never returns index i."""
+        ...
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Arrays, beyond the data, that rebuild the fitted index without recomputing them."""
+        ...
+
+    def restore(self, X: np.ndarray, state: Mapping[str, np.ndarray]) -> Index:
+        """Rebuild the fitted index from the data it was fitted on and its :meth:`state`; returns self."""
+        ...
+
+
+class ParameterError(ValueError, TypeError):
+    """An index parameter that is unknown, of the wrong type or out of range (a ValueError and a TypeError)."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """Declarative constraint on one index parameter: its type, range or options, and whether None is allowed.
+
+    `kind` is int, float or str; for int and float, `low` / `high` bound the value (inclusive). Strings
+    holding a number are accepted for numeric parameters (as given on a command line). `allow_none` allows None
+    (meaning "a default that depends on the data").
+    """
+
+    kind: type = int
+    low: float | None = None
+    high: float | None = None
+    options: tuple[Any, ...] | None = None
+    allow_none: bool = False
+    doc: str = ""
+
+    def check(self, index_kind: str, name: str, value: Any) -> Any:
+        """The value, converted if it was a numeric string; ParameterError if it breaks the constraint."""
+        if value is None and self.allow_none:
+            return None
+        if self.options is not None:
+            if value not in self.options:
+                raise ParameterError(f"{index_kind}: {name} must be one of {self.options}, got {value!r}")
+            return value
+        if isinstance(value, str) and self.kind in (int, float):
+            try:
+                value = self.kind(value)
+            except ValueError:
+                pass
+        if self.kind is int:
+            ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+        elif self.kind is float:
+            ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, self.kind)
+        if ok and self.kind in (int, float):
+            ok = (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
+        if not ok:
+            raise ParameterError(f"{index_kind}: {name} must be {self.describe()}, got {value!r}")
+        return int(value) if self.kind is int else float(value) if self.kind is float else value
+
+    def describe(self) -> str:
+        """The constraint in words, e.g. 'a positive integer' or 'a number between 1 and 16'."""
+        noun = {int: "an integer", float: "a number"}.get(self.kind, f"a {self.kind.__name__}")
+        if self.kind is int and self.low == 1 and self.high is None:
+            text = "a positive integer"
+        elif self.low is not None and self.high is not None:
+            text = f"{noun} between {self.low:g} and {self.high:g}"
+        elif self.low is not None:
+            text = f"{noun} >= {self.low:g}"
+        elif self.high is not None:
+            text = f"{noun} <= {self.high:g}"
+        else:
+            text = noun
+        return text + (" or None" if self.allow_none else "")
+
+
+def check_params(index_kind: str, spec: Mapping[str, Param], params: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate `params` against `spec` (unknown names, types, ranges, options); returns them checked.
+
+    Raises :class:`ParameterError` naming the index kind, the parameter and what is allowed.
+    """
+    unknown = set(params) - set(spec)
+    if unknown:
+        raise ParameterError(f"unknown parameters for {index_kind!r}: {sorted(unknown)}; allowed: {sorted(spec)}")
+    return {name: spec[name].check(index_kind, name, value) for name, value in params.items()}
+
+
+def leave_one_out(index: Index, X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """search_self of an approximate index: search X for k+1 and drop each row's own index (or, where the
+    row itself was not found, the last column)."""
+    check_k(k, len(X) - 1, "leave-one-out needs k <= ntotal - 1")
+    dist, idx = index.search(X, k + 1)
+    drop = idx == np.arange(len(idx))[:, None]
+    drop[~drop.any(axis=1), -1] = True
+    keep = ~drop
+    return dist[keep].reshape(-1, k), idx[keep].reshape(-1, k)
