@@ -42,7 +42,7 @@ from sklearn.metrics import roc_auc_score
 from .backbones import DEFAULT_BACKBONE
 from .datasets import FORMATS, LabelledDataset, Split, describe, load_dataset, subset
 from .features import PRECISIONS, RUNTIMES, backbone_names
-from .runtime import method_precision
+from .normalize import method_precision
 from .group import SetDetector, covariance_trace
 from .report import Plot, Table, format_table, write_html, write_table
 from .search import kmeans, knn, knn_score

@@ -20,7 +20,7 @@ from sklearn.model_selection import train_test_split
 from .backbones import DEFAULT_BACKBONE
 from .detector import KNNDetector
 from .features import Embedder
-from .runtime import method_precision
+from .normalize import method_precision
 
 
 def digits_images(per_class: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -32,8 +32,7 @@ from sklearn.exceptions import NotFittedError
 from .backbones import DEFAULT_BACKBONE
 from .base import ThresholdedScores
 from .features import Embedder, Embeddings
-from .normalize import EmbeddingTransform, make_transform, transform_from_state
-from .runtime import method_precision
+from .normalize import EmbeddingTransform, make_transform, method_precision, transform_from_state
 from .search import kmeans, knn, knn_score, make_index
 
 Neighbours = list[list[tuple[str, float]]]

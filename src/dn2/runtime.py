@@ -77,24 +77,6 @@ def resolve_precision(precision: str, runtime: str = "auto") -> str:
     return precision
 
 
-# Embedding transforms after which bf16 extraction was measured not to cost accuracy (CIFAR-10, one-class
-# ROCAUC: sqrt_l2 -0.06 points, raw features -0.22; BENCHMARKS.md). "auto" stays fp32 for the others.
-BF16_SAFE_NORMALIZATIONS = ("l2", "sqrt_l2")
-
-
-def method_precision(precision: str, normalize: str) -> str:
-    """The extraction precision for a DN2 method: ``"auto"`` becomes ``"fp32"`` unless ``normalize`` is one
-    of :data:`BF16_SAFE_NORMALIZATIONS` (unit-norm rows), where bf16's rounding was measured harmless.
-
-    Example:
-        >>> method_precision("auto", "none"), method_precision("auto", "sqrt_l2"), method_precision("bf16", "none")
-        ('fp32', 'auto', 'bf16')
-    """
-    if precision == "auto" and normalize not in BF16_SAFE_NORMALIZATIONS:
-        return "fp32"
-    return precision
-
-
 def onnx_available() -> bool:
     """True when both onnx (needed by the exporter) and onnxruntime are installed."""
     return importlib.util.find_spec("onnx") is not None and importlib.util.find_spec("onnxruntime") is not None
@@ -478,8 +460,6 @@ __all__ = [
     "export_openvino",
     "export_cache_key",
     "fp32_modules",
-    "method_precision",
-    "BF16_SAFE_NORMALIZATIONS",
     "mixed_bf16",
     "onnx_available",
     "onnx_backbone",
