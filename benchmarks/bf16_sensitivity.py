@@ -19,7 +19,7 @@ import torch
 
 from dn2.backbones import load_backbone
 from dn2.datasets import load_dataset
-from dn2.features import _Crops, normalize
+from dn2.features import CropDataset, normalize
 from dn2.runtime.bf16 import bf16_autocast
 
 
@@ -31,7 +31,7 @@ def main() -> None:
     net = load_backbone("efficientnet_lite0").eval()
     body, pre = net.body, net.config.preprocessing
     src = load_dataset(args.data).test.source
-    crops = _Crops(src, pre)
+    crops = CropDataset(src, pre)
     idx = np.random.default_rng(0).choice(len(src), args.images, replace=False)
     x = normalize(torch.stack([crops[int(i)][0] for i in idx]), pre)
     with torch.inference_mode():

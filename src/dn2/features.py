@@ -1,6 +1,6 @@
 """Feature extraction: images in, one embedding per image out, streamed in batches.
 
-Decoding and resizing run in DataLoader worker processes and hand uint8
+Decoding and resizing run in DataLoader worker processes (:class:`CropDataset`) and hand uint8
 crops to the main process, which gives them to the backbone's runner (:func:`dn2.runtime.get_runner`):
 as they are when the runner normalises inside its graph, normalised otherwise. Memory stays
 bounded: only a few batches of decoded images exist at any time. The backbone module passed in is
@@ -97,8 +97,21 @@ def default_num_workers(n_images: int) -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-class _Crops(Dataset):
-    """Decoded, resized crops of an image source; errors are returned, not raised, per item."""
+class CropDataset(Dataset):
+    """Decoded, resized uint8 crops of an image source, as ``(crop (3, H, W), index, error message)``.
+
+    Errors are returned, not raised, per item (the message is empty for a good image, and the crop
+    of a bad one is zeros), so one unreadable file does not stop a DataLoader's worker.
+
+    Example:
+        >>> import numpy as np
+        >>> from dn2.backbones import Preprocessing
+        >>> from dn2.images import as_source
+        >>> crops = CropDataset(as_source(np.zeros((2, 40, 40, 3), np.uint8)), Preprocessing(resize=36, crop=32))
+        >>> crop, index, error = crops[1]
+        >>> tuple(crop.shape), crop.dtype, index, error
+        ((3, 32, 32), torch.uint8, 1, '')
+    """
 
     def __init__(self, source: ImageSource, pre: Preprocessing):
         self.source = source
@@ -127,7 +140,7 @@ def _batches(source: ImageSource, pre: Preprocessing, batch_size: int, num_worke
     an OpenVINO compiled model destroyed in a forked child waits forever for its (absent) threads.
     """
     loader = DataLoader(
-        _Crops(source, pre),
+        CropDataset(source, pre),
         batch_size=batch_size,
         num_workers=num_workers,
         worker_init_fn=_worker_init if num_workers else None,
