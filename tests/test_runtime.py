@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import inspect
+import logging
 import weakref
 from dataclasses import replace
 
@@ -282,6 +283,23 @@ def test_extract_leaves_the_backbone_module_as_it_was(images):
         embed(net, images[:2], name, precision)
         assert module_state(net) == before, (name, precision)  # no channels-last conversion, no cached runner
     assert not any(k.startswith("_dn2") for k in vars(net))
+
+
+def test_skipped_images_are_logged_not_printed(tmp_path, capfd, caplog):
+    from PIL import Image
+
+    from dn2.backbones import load_backbone
+
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "good.png")
+    caplog.set_level(logging.INFO, logger="dn2")
+    with pytest.warns(UserWarning, match="skipping .*bad.png"):
+        emb = extract(load_backbone("efficientnet_lite0"), tmp_path, runtime="torch", precision="fp32",
+                      progress=False, num_workers=0, skip_bad=True)
+    assert emb.names == ["good.png"] and len(emb.skipped) == 1
+    assert capfd.readouterr().err == ""  # the library prints nothing; the application decides
+    logged = [(r.name, r.levelname, r.getMessage()) for r in caplog.records if r.name.startswith("dn2")]
+    assert logged == [("dn2.features", "INFO", "skipped 1 bad image(s) of 2")]
 
 
 def test_torch_bf16_runs_under_the_guard(lite0, images, monkeypatch):

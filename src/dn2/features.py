@@ -4,7 +4,8 @@ Decoding and resizing run in DataLoader worker processes (:class:`CropDataset`) 
 crops to the main process, which gives them to the backbone's runner (:func:`dn2.runtime.get_runner`):
 as they are when the runner normalises inside its graph, normalised otherwise. Memory stays
 bounded: only a few batches of decoded images exist at any time. The backbone module passed in is
-not changed.
+not changed. Bad images are reported with ``warnings``; the summary goes to the ``dn2.features``
+logger (the application decides what to show).
 
 Example:
     >>> import numpy as np
@@ -17,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import sys
 import warnings
@@ -35,6 +37,8 @@ from .backbones import DEFAULT_BACKBONE, Backbone, Preprocessing, load_backbone
 from .images import BadImageError, ImageSource, as_source
 from .runtime import PRECISIONS, RUNTIMES, cpu_supports_bf16  # noqa: F401 - re-exported (cli, bench)
 from .runtime import get_runner, resolve_precision, resolve_runtime  # resolve_precision: re-exported (cache)
+
+logger = logging.getLogger(__name__)
 
 _INTERPOLATION = {
     "bilinear": TF.InterpolationMode.BILINEAR,
@@ -217,7 +221,7 @@ def extract(
             bar.update(len(index))
     bar.close()
     if skipped:
-        print(f"dn2: skipped {len(skipped)} bad image(s) of {n}", file=sys.stderr)
+        logger.info("skipped %d bad image(s) of %d", len(skipped), n)
     names = source.names()
     return Embeddings(vectors[ok], [nm for nm, good in zip(names, ok) if good], skipped)
 
