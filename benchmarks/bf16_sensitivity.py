@@ -1,10 +1,10 @@
 """Where does bf16 lose precision? Embedding error of EfficientNet-Lite0 with different layers kept in fp32.
 
 Runs 256 random CIFAR-10 test images through the backbone under PyTorch bf16 autocast, with a chosen
-set of modules forced to fp32 (the mechanism of dn2.runtime.mixed_bf16), and prints the relative
-embedding error ||e_bf16 - e_fp32|| / ||e_fp32|| (median, 99th percentile, max) and the relative
-error of the embedding norm. This is how dn2's guard (dn2.runtime.BF16_FP32_PARTS: the early
-high-resolution layers; the head in fp32 too made no difference) was chosen.
+set of modules forced to fp32 (dn2.runtime.bf16.bf16_autocast, the mechanism of mixed_bf16), and
+prints the relative embedding error ||e_bf16 - e_fp32|| / ||e_fp32|| (median, 99th percentile, max)
+and the relative error of the embedding norm. This is how dn2's guard (dn2.runtime.bf16.BF16_FP32_PARTS:
+the early high-resolution layers; the head in fp32 too made no difference) was chosen.
 
 Usage:
     python benchmarks/bf16_sensitivity.py --data ../shared/datasets/cifar10-jpeg.zip
@@ -17,10 +17,10 @@ import argparse
 import numpy as np
 import torch
 
-from dn2 import runtime
 from dn2.backbones import load_backbone
 from dn2.datasets import load_dataset
-from dn2.features import _Crops, normalize
+from dn2.features import CropDataset, normalize
+from dn2.runtime.bf16 import bf16_autocast
 
 
 def main() -> None:
@@ -31,21 +31,15 @@ def main() -> None:
     net = load_backbone("efficientnet_lite0").eval()
     body, pre = net.body, net.config.preprocessing
     src = load_dataset(args.data).test.source
-    crops = _Crops(src, pre)
+    crops = CropDataset(src, pre)
     idx = np.random.default_rng(0).choice(len(src), args.images, replace=False)
     x = normalize(torch.stack([crops[int(i)][0] for i in idx]), pre)
     with torch.inference_mode():
         ref = net(x)
 
     def error(keep: list[torch.nn.Module]) -> str:
-        for m in keep:
-            m.forward = runtime._fp32_forward(m.forward)
-        try:
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-                out = net(x).float()
-        finally:
-            for m in keep:
-                del m.forward
+        with torch.inference_mode(), bf16_autocast(fp32=keep):
+            out = net(x).float()
         rel = ((out - ref).norm(dim=1) / ref.norm(dim=1)).numpy()
         norm = (out.norm(dim=1) / ref.norm(dim=1) - 1).abs().numpy()
         return (f"| {np.median(rel):.4f} | {np.quantile(rel, 0.99):.4f} | {rel.max():.4f} | "

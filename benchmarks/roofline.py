@@ -77,17 +77,17 @@ def conv_rates(dtype: torch.dtype, seconds: float, batch: int = 32) -> list[floa
 
 def model_rate(backbone: str, precision: str, guard: bool, batch: int, seconds: float) -> float:
     """Model-only img/s of dn2's OpenVINO runner on a fixed uint8 batch."""
-    from dn2 import runtime
     from dn2.backbones import load_backbone
+    from dn2.runtime import bf16, get_runner
 
-    saved = runtime.BF16_FP32_PARTS
-    runtime.BF16_FP32_PARTS = saved if guard else ()
+    saved = bf16.BF16_FP32_PARTS
+    bf16.BF16_FP32_PARTS = saved if guard else ()  # the runner is built (and cached) with this setting
     try:
         net = load_backbone(backbone, weights="random")
-        runner = runtime.openvino_backbone(net, precision)
+        runner = get_runner(net, "openvino", precision)
     finally:
-        runtime.BF16_FP32_PARTS = saved
-    if runner is None:
+        bf16.BF16_FP32_PARTS = saved
+    if runner.name != "openvino":  # get_runner fell back to torch, with a warning saying why
         raise RuntimeError("OpenVINO is not available")
     crop = net.config.preprocessing.crop
     x = torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8)

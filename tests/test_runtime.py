@@ -1,6 +1,13 @@
-"""ONNX Runtime path vs torch fp32, its fallback, precision/runtime resolution, and the bf16 guard."""
+"""Runtimes behind one interface: choosing a runtime and a precision, getting (cached) runners, falling
+back to PyTorch, the same embeddings from every runtime, and the caller's backbone left alone."""
 
 from __future__ import annotations
+
+import gc
+import inspect
+import logging
+import weakref
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -8,15 +15,25 @@ import torch
 from torch import nn
 
 from dn2 import runtime
-from dn2.features import extract
+from dn2.backbones import Backbone
+from dn2.features import extract, normalize
+from dn2.runtime import cpu, onnx_runner, openvino_runner
+from dn2.runtime.base import PRECISION_TABLE, Precision, Runner
+from dn2.runtime.cpu import CpuFeatures, parse_cpuinfo
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
+needs_onnx = pytest.mark.skipif(not runtime.onnx_available(), reason="needs onnx and onnxruntime")
+needs_openvino = pytest.mark.skipif(not runtime.openvino_available(), reason="needs openvino")
+AVX2_ONLY = CpuFeatures(avx2=True)
+BF16_CPU = CpuFeatures(avx2=True, avx512f=True, avx512_bf16=True)
+
 
 @pytest.fixture
-def onnx_cache(tmp_path, monkeypatch):
+def export_cache(tmp_path, monkeypatch):
+    """A fresh $DN2_CACHE: exports land in <tmp>/onnx and <tmp>/openvino."""
     monkeypatch.setenv("DN2_CACHE", str(tmp_path))
-    return tmp_path / "onnx"
+    return tmp_path
 
 
 @pytest.fixture(scope="module")
@@ -24,146 +41,273 @@ def images() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 255, (5, 40, 40, 3), dtype=np.uint8)
 
 
+def tiny_backbone(lite0: Backbone, name: str) -> Backbone:
+    """A one-convolution Backbone with its own identity: cheap to build runners for."""
+    body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return Backbone(body, nn.Identity(), replace(lite0.config, name=name, feature_dim=8), f"test:{name}").eval()
+
+
+def embed(backbone, images, runtime_name, precision="fp32", **kw) -> np.ndarray:
+    return extract(backbone, images, runtime=runtime_name, precision=precision, progress=False, num_workers=0,
+                   **kw).vectors
+
+
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b, axis=1).max() / np.linalg.norm(b, axis=1).min())
 
 
-@pytest.mark.skipif(not runtime.onnx_available(), reason="needs onnx and onnxruntime")
-def test_onnx_matches_torch_fp32(lite0, images, onnx_cache):
-    ref = extract(lite0, images, runtime="torch", precision="fp32", progress=False, num_workers=0).vectors
-    got = extract(lite0, images, runtime="onnx", progress=False, num_workers=0, batch_size=2).vectors
-    assert got.shape == ref.shape == (5, 1280)
-    assert _rel(got, ref) < 1e-4
-    files = list(onnx_cache.glob("efficientnet_lite0-*.onnx"))
-    assert len(files) == 1  # exported into $DN2_CACHE/onnx, keyed by name + hash
-    assert runtime.onnx_cache_path(lite0) == files[0]
-    flipped = extract(lite0, images, runtime="onnx", flip=True, progress=False, num_workers=0).vectors
-    flipped_ref = extract(lite0, images, runtime="torch", precision="fp32", flip=True, progress=False, num_workers=0).vectors
-    assert _rel(flipped, flipped_ref) < 1e-4
+# ----------------------------------------------------------------------------- choosing runtime and precision
 
 
-@pytest.mark.skipif(not runtime.onnx_available(), reason="needs onnx and onnxruntime")
-def test_onnx_cache_key_changes_with_weights_and_crop(lite0):
-    from dataclasses import replace
-
-    class Fake:
-        def __init__(self, weights_id, crop):
-            self.weights_id, self.stages = weights_id, ()
-            self.config = replace(lite0.config, preprocessing=replace(lite0.config.preprocessing, crop=crop))
-
-    base = runtime.onnx_cache_path(Fake("sha256:a", 224), "/c")
-    assert base == runtime.onnx_cache_path(Fake("sha256:a", 224), "/c")
-    assert base != runtime.onnx_cache_path(Fake("sha256:b", 224), "/c")
-    assert base != runtime.onnx_cache_path(Fake("sha256:a", 256), "/c")
-
-
-def test_export_failure_falls_back_to_torch(lite0, images, onnx_cache, monkeypatch):
-    def broken(backbone, path):
-        raise RuntimeError("exporter exploded")
-
-    monkeypatch.setattr(runtime, "export_onnx", broken)
-    monkeypatch.setattr(runtime, "onnx_available", lambda: True)
-    object.__setattr__(lite0, "_dn2_onnx", None)  # no session cached by an earlier test
-    with pytest.warns(UserWarning, match="exporter exploded"):
-        got = extract(lite0, images, runtime="onnx", progress=False, num_workers=0).vectors
-    ref = extract(lite0, images, runtime="torch", precision="fp32", progress=False, num_workers=0).vectors
-    np.testing.assert_array_equal(got, ref)
-
-
-def test_missing_onnxruntime_falls_back(lite0, images, monkeypatch):
-    monkeypatch.setattr(runtime, "onnx_available", lambda: False)
-    monkeypatch.setattr(runtime, "openvino_available", lambda: False)
-    assert runtime.resolve_runtime("auto", "fp32") == "torch"
-    with pytest.warns(UserWarning, match="onnxruntime"):
-        assert runtime.onnx_backbone(lite0) is None
-
-
-def test_precision_and_runtime_resolution(monkeypatch):
-    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: False)
-    assert runtime.resolve_precision("auto") == "fp32"
-    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)
+def test_auto_precision_follows_the_cpu(monkeypatch):
+    monkeypatch.setattr(cpu, "cpu_features", lambda: AVX2_ONLY)
+    assert runtime.resolve_precision("auto") == "fp32"  # bf16 would be emulated: many times slower
+    assert not runtime.cpu_supports_bf16()
+    monkeypatch.setattr(cpu, "cpu_features", lambda: BF16_CPU)
     assert runtime.resolve_precision("auto") == "bf16"
-    monkeypatch.setattr(runtime, "openvino_available", lambda: True)
+    assert runtime.resolve_precision("auto", "torch") == "bf16"
+    assert runtime.resolve_precision("auto", "onnx") == "fp32"  # auto never picks what a runtime can't run
+    assert runtime.resolve_precision("fp32") == "fp32" and runtime.resolve_precision("bf16") == "bf16"
+    with pytest.raises(ValueError, match="precision must be"):
+        runtime.resolve_precision("fp16")
+
+
+def test_auto_runtime_is_the_fastest_installed_one(monkeypatch):
+    monkeypatch.setattr(cpu, "cpu_features", lambda: BF16_CPU)
+    monkeypatch.setattr(openvino_runner, "openvino_available", lambda: True)
     assert runtime.resolve_runtime("auto", "auto") == "openvino"  # OpenVINO runs fp32 and bf16
     assert runtime.resolve_runtime("openvino", "bf16") == "openvino"
-    monkeypatch.setattr(runtime, "openvino_available", lambda: False)
-    assert runtime.resolve_runtime("auto", "auto") == "torch"  # ONNX Runtime has no bf16 path
-    assert runtime.resolve_precision("fp32") == "fp32"
-    assert runtime.resolve_precision("bf16") == "bf16"
-    monkeypatch.setattr(runtime, "onnx_available", lambda: True)
+    monkeypatch.setattr(openvino_runner, "openvino_available", lambda: False)
+    monkeypatch.setattr(onnx_runner, "onnx_available", lambda: True)
+    assert runtime.resolve_runtime("auto", "auto") == "torch"  # bf16, and ONNX Runtime has no bf16 path
     assert runtime.resolve_runtime("auto", "fp32") == ("onnx" if runtime.AUTO_PREFERS_ONNX else "torch")
-    assert runtime.resolve_precision("auto", "onnx") == "fp32"  # auto never picks what a runtime can't run
+    monkeypatch.setattr(onnx_runner, "onnx_available", lambda: False)
+    assert runtime.resolve_runtime("auto", "fp32") == "torch"
     assert runtime.resolve_runtime("torch", "bf16") == "torch"
     with pytest.raises(ValueError, match="fp32 only"):
         runtime.resolve_runtime("onnx", "bf16")
     with pytest.raises(ValueError, match="runtime must be"):
         runtime.resolve_runtime("tensorrt", "fp32")
-    with pytest.raises(ValueError, match="precision must be"):
-        runtime.resolve_precision("fp16")
-    assert runtime.default_batch_size("torch") == 8 and runtime.default_batch_size("onnx") >= 16
 
 
-def test_cpu_flags_decide_bf16(monkeypatch, tmp_path):
-    import builtins
-
-    real_open = builtins.open
-    for flags, expected in [("fpu avx2 fma", False), ("avx512f avx512_bf16", True), ("amx_bf16 amx_tile", True)]:
-        info = tmp_path / "cpuinfo"
-        info.write_text(f"flags\t\t: {flags}\n")
-        monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(info if p == "/proc/cpuinfo" else p, *a, **k))
-        assert runtime.cpu_supports_bf16() is expected
-
-
-def test_bf16_guard_keeps_the_early_layers_fp32(lite0):
-    body = lite0.body
-    keep = runtime.fp32_modules(lite0)
-    early = [body.conv_stem, body.bn1, body.blocks[0], body.blocks[1]]  # stem and the first two stages
-    assert keep == early
-    dtypes: dict[str, torch.dtype] = {}
-    watched = {"conv_stem": body.conv_stem, "bn1": body.bn1, "blocks[1]": body.blocks[1],
-               "middle": body.blocks[3][0].conv_pw, "conv_head": body.conv_head}
-    handles = [m.register_forward_hook(lambda m, i, o, n=n: dtypes.__setitem__(n, o.dtype)) for n, m in watched.items()]
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    try:
-        with torch.inference_mode():
-            ref = lite0(x)
-            with runtime.mixed_bf16(lite0) as kept:
-                assert kept == keep
-                out = lite0(x)
-    finally:
-        for h in handles:
-            h.remove()
-    for name in ("conv_stem", "bn1", "blocks[1]"):
-        assert dtypes[name] == torch.float32, name
-    assert dtypes["middle"] == torch.bfloat16 and dtypes["conv_head"] == torch.bfloat16  # the rest really is bf16
-    cos = nn.functional.cosine_similarity(out.float(), ref, dim=1)
-    assert float(cos.min()) > 0.99
-    assert not any("forward" in vars(m) for m in keep)  # wrappers removed on exit
-    with torch.inference_mode():
-        assert torch.equal(lite0(x), ref)
+def test_cpu_features_are_read_from_cpuinfo_flags():
+    avx2 = parse_cpuinfo("processor\t: 0\nflags\t\t: fpu avx2 fma avx_vnni\n")
+    assert avx2.avx2 and avx2.avx_vnni and not avx2.avx512f
+    assert not avx2.has_any(cpu.BF16_NATIVE_FEATURES)
+    assert parse_cpuinfo("flags\t: avx512f avx512_bf16\n").has_any(cpu.BF16_NATIVE_FEATURES)
+    assert parse_cpuinfo("flags\t: amx_bf16 amx_tile amx_int8\n").amx_int8
+    assert parse_cpuinfo("Features\t: fp asimd bf16\n") == CpuFeatures()  # ARM: none of these x86 features
+    assert isinstance(cpu.cpu_features(), CpuFeatures)  # this machine, whatever it is
 
 
-def test_bf16_guard_finds_resnet_layers():
-    import torchvision
+def test_a_new_precision_plugs_in_as_data(monkeypatch):
+    """How int8 will arrive: a PRECISION_TABLE entry and the runners that declare it; nothing else changes."""
+    monkeypatch.setitem(PRECISION_TABLE, "int8", Precision("int8", native_on=("avx512_vnni", "avx_vnni", "amx_int8")))
+    monkeypatch.setattr(runtime.OpenVinoRunner, "precisions", frozenset({"fp32", "bf16", "int8"}))
+    monkeypatch.setattr(openvino_runner, "openvino_available", lambda: True)
+    assert runtime.runtimes_for("int8") == ["openvino"]
+    assert runtime.resolve_runtime("auto", "int8") == "openvino"
+    with pytest.raises(ValueError, match="runs bf16, fp32 only"):
+        runtime.resolve_runtime("torch", "int8")
+    monkeypatch.setattr(cpu, "cpu_features", lambda: CpuFeatures(avx512_vnni=True))
+    assert PRECISION_TABLE["int8"].is_native(cpu.cpu_features())
+    assert runtime.resolve_precision("auto") == "fp32"  # not in AUTO_PRECISION_ORDER: int8 must be asked for
+    with pytest.raises(ValueError, match="unknown CPU features"):
+        Precision("int4", native_on=("avx_int4",))
 
-    body = torchvision.models.resnet18(weights=None)
-    body.fc = nn.Identity()
-    keep = runtime.fp32_modules(body)
-    assert keep == [body.conv1, body.bn1, body.relu, body.maxpool, body.layer1]
-    body.fc = nn.Linear(512, 10)  # unknown structure: the structural rule (first/last conv and norm, pooling)
-    keep = runtime.fp32_modules(body)
-    assert keep[:2] == [body.conv1, body.bn1]
-    assert body.layer4[-1].conv2 in keep and body.layer4[-1].bn2 in keep and body.avgpool in keep
-    assert len(keep) == 5
+
+# ----------------------------------------------------------------------------- the Runner interface
 
 
-def test_extract_bf16_uses_the_guard(lite0, images, monkeypatch):
-    """extract(precision='bf16') runs under mixed_bf16 (the bf16 numerics are checked above, on the
-    module: a first bf16 pass through extract's channels-last network takes about a minute on CPUs
-    that only emulate bf16, too slow for a unit test)."""
+def test_every_runner_declares_its_capabilities():
+    with pytest.raises(TypeError):
+        Runner()  # abstract
+    for name, cls in runtime.RUNNERS.items():
+        assert issubclass(cls, Runner) and not inspect.isabstract(cls)
+        assert cls.name == name and name in runtime.RUNTIMES
+        assert "fp32" in cls.precisions <= set(PRECISION_TABLE)
+        assert isinstance(cls.uint8_input, bool) and cls.default_batch_size >= 1
+        assert runtime.default_batch_size(name) == runtime.DEFAULT_BATCH_SIZE[name] == cls.default_batch_size
+    assert runtime.default_batch_size("torch") == 8 and runtime.default_batch_size("onnx") >= 16  # as measured
+    assert runtime.OpenVinoRunner.uint8_input and not runtime.TorchRunner.uint8_input
+    assert runtime.OnnxRunner.precisions == {"fp32"}
+
+
+@pytest.mark.parametrize("name", ["torch", "onnx", "openvino"])
+def test_each_runner_embeds_a_batch(lite0, name):
+    cls = runtime.RUNNERS[name]
+    if not cls.available():
+        pytest.skip(f"{name} is not installed")
+    runner = runtime.get_runner(lite0, name, "fp32")
+    assert isinstance(runner, cls) and runner.precision == "fp32"
+    crops = torch.randint(0, 256, (3, 3, 224, 224), dtype=torch.uint8)
+    if runner.uint8_input:  # normalisation is inside its graph
+        batch = crops
+    else:
+        batch = normalize(crops, lite0.config.preprocessing).contiguous(memory_format=runner.input_memory_format)
+    out = runner(batch)
+    assert out.shape == (3, 1280) and out.dtype == torch.float32
+
+
+def test_get_runner_returns_the_cached_runner_for_the_same_key(lite0):
+    fp32 = runtime.get_runner(lite0, "torch", "fp32")
+    assert runtime.get_runner(lite0, "torch", "fp32") is fp32
+    bf16 = runtime.get_runner(lite0, "torch", "bf16")
+    assert bf16 is not fp32 and bf16.precision == "bf16"
+    assert runtime.get_runner(lite0, "torch", "bf16") is bf16
+
+
+@needs_openvino
+def test_compiled_runners_are_shared_by_backbone_identity(lite0):
+    """Two loads of one backbone share a compiled network (same files); each module keeps its own eager runner."""
+    from dn2.backbones import load_backbone
+
+    again = load_backbone("efficientnet_lite0")
+    assert runtime.get_runner(again, "openvino", "fp32") is runtime.get_runner(lite0, "openvino", "fp32")
+    assert runtime.get_runner(again, "torch", "fp32") is not runtime.get_runner(lite0, "torch", "fp32")
+
+
+def test_runner_cache_is_bounded(lite0, monkeypatch):
+    monkeypatch.setattr(runtime, "RUNNER_CACHE_SIZE", 2)
+    nets = [tiny_backbone(lite0, f"tiny{i}") for i in range(3)]
+    runners = [weakref.ref(runtime.get_runner(net, "torch", "fp32")) for net in nets[:2]]  # cached: 0, 1
+    assert runtime.get_runner(nets[0], "torch", "fp32") is runners[0]()  # a hit: 0 is now the most recent
+    runtime.get_runner(nets[2], "torch", "fp32")  # one too many: the least recently used (1) is dropped
+    gc.collect()
+    assert runners[1]() is None  # and freed: a long-lived process does not accumulate compiled networks
+    assert runtime.get_runner(nets[0], "torch", "fp32") is runners[0]()
+    runtime.clear_runner_cache()
+    gc.collect()
+    assert runners[0]() is None
+
+
+# ----------------------------------------------------------------------------- falling back to PyTorch
+
+
+def test_onnx_export_failure_falls_back_to_torch(lite0, images, export_cache, monkeypatch):
+    def broken(backbone, path):
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(onnx_runner, "export_onnx", broken)
+    monkeypatch.setattr(onnx_runner, "onnx_available", lambda: True)
+    with pytest.warns(UserWarning, match="exporter exploded"):
+        runner = runtime.get_runner(lite0, "onnx", "fp32")
+    assert isinstance(runner, runtime.TorchRunner) and runner.precision == "fp32"
+    with pytest.warns(UserWarning, match="exporter exploded"):  # not remembered: tried again next time
+        got = embed(lite0, images, "onnx")
+    np.testing.assert_array_equal(got, embed(lite0, images, "torch"))
+
+
+@needs_openvino
+def test_openvino_conversion_failure_falls_back_to_torch(lite0, images, export_cache, monkeypatch):
+    def broken(module, path, example):
+        raise RuntimeError("converter exploded")
+
+    monkeypatch.setattr(openvino_runner, "export_openvino", broken)
+    with pytest.warns(UserWarning, match="converter exploded"):
+        got = embed(lite0, images, "openvino")
+    np.testing.assert_array_equal(got, embed(lite0, images, "torch"))
+    with pytest.warns(UserWarning, match="converter exploded"):
+        fallback = runtime.get_runner(lite0, "openvino", "bf16")
+    assert (fallback.name, fallback.precision) == ("torch", "bf16")  # same precision, other runtime
+
+
+def test_a_missing_runtime_package_falls_back_to_torch(lite0, monkeypatch):
+    monkeypatch.setattr(onnx_runner, "onnx_available", lambda: False)
+    monkeypatch.setattr(openvino_runner, "openvino_available", lambda: False)
+    assert runtime.resolve_runtime("auto", "fp32") == "torch"
+    with pytest.warns(UserWarning, match="onnxruntime"):
+        assert runtime.get_runner(lite0, "onnx", "fp32").name == "torch"
+    with pytest.warns(UserWarning, match="pip install openvino"):
+        assert runtime.get_runner(lite0, "openvino", "fp32").name == "torch"
+
+
+# ----------------------------------------------------------------------------- same embeddings everywhere
+
+
+@needs_onnx
+def test_onnx_matches_torch_fp32(lite0, images, export_cache):
+    ref = embed(lite0, images, "torch")
+    got = embed(lite0, images, "onnx", batch_size=2)
+    assert got.shape == ref.shape == (5, 1280)
+    assert _rel(got, ref) < 1e-4
+    files = list((export_cache / "onnx").glob("efficientnet_lite0-*.onnx"))
+    assert files == [runtime.onnx_cache_path(lite0)]  # exported into $DN2_CACHE/onnx, keyed by name + hash
+    assert _rel(embed(lite0, images, "onnx", flip=True), embed(lite0, images, "torch", flip=True)) < 1e-4
+
+
+def test_export_cache_key_changes_with_weights_and_crop(lite0):
+    def fake(weights_id, crop):
+        config = replace(lite0.config, preprocessing=replace(lite0.config.preprocessing, crop=crop))
+        return Backbone(nn.Identity(), nn.Identity(), config, weights_id)
+
+    base = runtime.onnx_cache_path(fake("sha256:a", 224), "/c")
+    assert base == runtime.onnx_cache_path(fake("sha256:a", 224), "/c")
+    assert base != runtime.onnx_cache_path(fake("sha256:b", 224), "/c")
+    assert base != runtime.onnx_cache_path(fake("sha256:a", 256), "/c")
+
+
+@needs_openvino
+def test_openvino_matches_torch_fp32(lite0, images, export_cache):
+    ref = embed(lite0, images, "torch")
+    got = embed(lite0, images, "openvino", batch_size=2)
+    assert got.shape == ref.shape == (5, 1280)
+    assert _rel(got, ref) < 1e-4  # normalisation inside the graph, fp32 weights: the same embeddings
+    xml = runtime.openvino_cache_path(lite0)
+    assert xml.parent == export_cache / "openvino" and xml.is_file()
+    n_params = sum(p.numel() for p in lite0.body.parameters())  # the embedding network, without the classifier
+    assert xml.with_suffix(".bin").stat().st_size >= 4 * n_params * 0.9  # weights saved as fp32 (fp16: half)
+    assert _rel(embed(lite0, images, "openvino", flip=True), embed(lite0, images, "torch", flip=True)) < 1e-4
+
+
+# ----------------------------------------------------------------------------- the caller's module
+
+
+def module_state(net: nn.Module) -> dict:
+    """Everything a runner could change on a module: attributes of every submodule, tensor layouts."""
+    return {
+        "attributes": {name: sorted(vars(m)) for name, m in net.named_modules()},
+        "tensors": {name: (t.stride(), t.data_ptr()) for name, t in [*net.named_parameters(), *net.named_buffers()]},
+    }
+
+
+def test_extract_leaves_the_backbone_module_as_it_was(images):
+    from dn2.backbones import load_backbone
+
+    net = load_backbone("efficientnet_lite0")
+    before = module_state(net)
+    paths = [("torch", "fp32")] + [(name, "fp32") for name in ("onnx", "openvino") if runtime.RUNNERS[name].available()]
+    if runtime.cpu_supports_bf16():  # emulated bf16 is too slow for a unit test
+        paths += [("torch", "bf16")] + [("openvino", "bf16")] * runtime.openvino_available()
+    for name, precision in paths:
+        embed(net, images[:2], name, precision)
+        assert module_state(net) == before, (name, precision)  # no channels-last conversion, no cached runner
+    assert not any(k.startswith("_dn2") for k in vars(net))
+
+
+def test_skipped_images_are_logged_not_printed(tmp_path, capfd, caplog):
+    from PIL import Image
+
+    from dn2.backbones import load_backbone
+
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "good.png")
+    caplog.set_level(logging.INFO, logger="dn2")
+    with pytest.warns(UserWarning, match="skipping .*bad.png"):
+        emb = extract(load_backbone("efficientnet_lite0"), tmp_path, runtime="torch", precision="fp32",
+                      progress=False, num_workers=0, skip_bad=True)
+    assert emb.names == ["good.png"] and len(emb.skipped) == 1
+    assert capfd.readouterr().err == ""  # the library prints nothing; the application decides
+    logged = [(r.name, r.levelname, r.getMessage()) for r in caplog.records if r.name.startswith("dn2")]
+    assert logged == [("dn2.features", "INFO", "skipped 1 bad image(s) of 2")]
+
+
+def test_torch_bf16_runs_under_the_guard(lite0, images, monkeypatch):
+    """The torch runner's bf16 is mixed_bf16 (its numerics are checked in test_runtime_bf16.py, on the module:
+    a first bf16 pass through a channels-last network takes about a minute where bf16 is emulated)."""
     import contextlib
 
-    import dn2.features
+    from dn2.runtime import torch_runner
 
     calls = []
 
@@ -172,111 +316,59 @@ def test_extract_bf16_uses_the_guard(lite0, images, monkeypatch):
         calls.append(enabled)
         yield []
 
-    monkeypatch.setattr(dn2.features, "mixed_bf16", spy)
-    extract(lite0, images[:1], precision="bf16", runtime="torch", progress=False, num_workers=0)
-    extract(lite0, images[:1], precision="fp32", runtime="torch", progress=False, num_workers=0)
+    monkeypatch.setattr(torch_runner, "mixed_bf16", spy)
+    embed(lite0, images[:1], "torch", "bf16")
+    embed(lite0, images[:1], "torch", "fp32")
     assert calls == [True, False]
     with pytest.raises(ValueError, match="fp32 only"):
-        extract(lite0, images[:1], precision="bf16", runtime="onnx", progress=False)
-    if runtime.openvino_available():  # OpenVINO's bf16 is its own (graph tail kept fp32), not the torch guard
-        extract(lite0, images[:1], precision="bf16", runtime="openvino", progress=False, num_workers=0)
-        assert calls == [True, False, False]
+        embed(lite0, images[:1], "onnx", "bf16")
+    if runtime.openvino_available():  # OpenVINO's bf16 is its own (early piece compiled fp32), not the torch guard
+        embed(lite0, images[:1], "openvino", "bf16")
+        assert calls == [True, False]
 
 
-# ----------------------------------------------------------------------------------------- OpenVINO
+def test_docstring_examples_run():
+    import doctest
 
-needs_openvino = pytest.mark.skipif(not runtime.openvino_available(), reason="needs openvino")
+    import dn2.features
+    from dn2.runtime import base, bf16, torch_runner
 
-
-@needs_openvino
-def test_openvino_matches_torch_fp32(lite0, images, onnx_cache):
-    ref = extract(lite0, images, runtime="torch", precision="fp32", progress=False, num_workers=0).vectors
-    got = extract(lite0, images, runtime="openvino", precision="fp32", progress=False, num_workers=0, batch_size=2).vectors
-    assert got.shape == ref.shape == (5, 1280)
-    assert _rel(got, ref) < 1e-4  # normalisation inside the graph, fp32 weights: the same embeddings
-    xml = runtime.openvino_cache_path(lite0)
-    assert xml.parent == onnx_cache.parent / "openvino" and xml.is_file()
-    n_params = sum(p.numel() for p in lite0.body.parameters())  # the embedding network, without the classifier
-    assert xml.with_suffix(".bin").stat().st_size >= 4 * n_params * 0.9  # weights saved as fp32 (fp16: half)
-    flipped = extract(lite0, images, runtime="openvino", precision="fp32", flip=True, progress=False, num_workers=0).vectors
-    flipped_ref = extract(lite0, images, runtime="torch", precision="fp32", flip=True, progress=False, num_workers=0).vectors
-    assert _rel(flipped, flipped_ref) < 1e-4
+    for module in (runtime, cpu, base, bf16, torch_runner, onnx_runner, openvino_runner, dn2.features):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, module.__name__
 
 
-@needs_openvino
-def test_openvino_bf16_stays_close_to_fp32(lite0, images, onnx_cache):
-    ref = extract(lite0, images, runtime="openvino", precision="fp32", progress=False, num_workers=0).vectors
-    got = extract(lite0, images, runtime="openvino", precision="bf16", progress=False, num_workers=0).vectors
-    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
-    assert float(cos.min()) > 0.99
-    if runtime.cpu_supports_bf16():  # elsewhere OpenVINO ignores the bf16 hint and runs fp32
-        assert _rel(got, ref) > 1e-4  # bf16 really ran
-
-
-def test_openvino_failure_falls_back_to_torch(lite0, images, onnx_cache, monkeypatch):
-    def broken(module, path, example):
-        raise RuntimeError("converter exploded")
-
-    monkeypatch.setattr(runtime, "export_openvino", broken)
-    monkeypatch.setattr(runtime, "openvino_available", lambda: True)
-    monkeypatch.setattr(runtime, "openvino_cache_path", lambda backbone, cache_dir=None, part="", piece=None: onnx_cache / "missing.xml")
-    object.__setattr__(lite0, "_dn2_openvino", None)  # no compiled model cached by an earlier test
-    with pytest.warns(UserWarning, match="converter exploded"):
-        got = extract(lite0, images, runtime="openvino", precision="fp32", progress=False, num_workers=0).vectors
-    ref = extract(lite0, images, runtime="torch", precision="fp32", progress=False, num_workers=0).vectors
-    np.testing.assert_array_equal(got, ref)
-
-
-def test_missing_openvino_falls_back(lite0, monkeypatch):
-    monkeypatch.setattr(runtime, "openvino_available", lambda: False)
-    with pytest.warns(UserWarning, match="openvino"):
-        assert runtime.openvino_backbone(lite0) is None
-
-
-def test_bf16_parts_compose_to_the_network(lite0):
-    """The early -> middle -> head split is the network itself; OpenVINO's bf16 guard runs early | middle+head."""
-    import torchvision
-
-    resnet = torchvision.models.resnet18(weights=None).eval()
-    resnet.fc = nn.Identity()
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    for net in (lite0, resnet):
-        assert [name for name, _ in runtime.bf16_parts(net)] == ["early", "middle", "head"]
-        pieces = runtime.openvino_pieces(net, "bf16")
-        assert [(name, p) for name, _, p in pieces] == [("early", "fp32"), ("middle+head", "bf16")]
-        with torch.inference_mode():
-            y = x
-            for _, module, _ in pieces:
-                y = module(y)
-            torch.testing.assert_close(y, net(x), rtol=1e-5, atol=1e-5)
-    assert [(name, p) for name, _, p in runtime.openvino_pieces(lite0, "fp32")] == [("", "fp32")]
-
-
-@needs_openvino
-def test_openvino_bf16_split_pieces_are_cached_apart(lite0, images, onnx_cache):
-    extract(lite0, images[:2], runtime="openvino", precision="bf16", progress=False, num_workers=0)
-    xmls = sorted(p.name.rsplit("-", 1)[-1] for p in (onnx_cache.parent / "openvino").glob("*.xml"))
-    assert xmls == ["early.xml", "middle+head.xml"]
-
+# ----------------------------------------------------------------------------- forked decoding workers
 
 REPRO = """
 import gc, sys, numpy as np, torch
-import dn2.features as F
-from dn2.backbones import load_backbone
 from dn2 import runtime
+from dn2.backbones import load_backbone
+from dn2.features import extract
+from dn2.images import ImageSource, as_source
+
+class CollectingSource(ImageSource):
+    # Images whose loading runs the garbage collector: a worker's collector runs sooner or later.
+    def __init__(self, inner):
+        self.inner = inner
+    def __len__(self):
+        return len(self.inner)
+    def name(self, i):
+        return self.inner.name(i)
+    def load(self, i, max_side=None):
+        gc.collect()
+        return self.inner.load(i, max_side)
+
 gc.disable()
 net = load_backbone("efficientnet_lite0")
-runner = runtime.openvino_backbone(net, "fp32")
+runner = runtime.get_runner(net, "openvino", "fp32")
+assert runner.name == "openvino"
 runner(torch.zeros(2, 3, 224, 224, dtype=torch.uint8))
+runtime.clear_runner_cache()
 cycle = [runner]; cycle.append(cycle)  # garbage that only the cyclic collector frees
-object.__setattr__(net, "_dn2_openvino", None)
 del runner, cycle
-orig = F._worker_init
-def init(i):
-    gc.collect()  # a worker's collector runs sooner or later
-    orig(i)
-F._worker_init = init
-print(F.extract(net, np.zeros((4, 32, 32, 3), np.uint8), runtime="torch", num_workers=1, progress=False).vectors.shape)
+source = CollectingSource(as_source(np.zeros((4, 32, 32, 3), np.uint8)))
+print(extract(net, source, runtime="torch", num_workers=1, progress=False).vectors.shape)
 """
 
 

@@ -10,11 +10,13 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .backbones import DEFAULT_BACKBONE, BackboneWeightsError, list_backbones
 from .bench import PROTOCOLS, embed_dataset, limit_dataset, normalized, run_protocols
@@ -333,10 +335,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is when a record arrives (tests and callers may replace it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _show_library_messages() -> Iterator[None]:
+    """The library logs (logger ``dn2``); the command shows its messages as ``dn2: ...`` lines on stderr."""
+    logger = logging.getLogger("dn2")
+    handler = _StderrHandler(logging.INFO)
+    handler.setFormatter(logging.Formatter("dn2: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with _show_library_messages():
+            return args.func(args)
     except EXPECTED_ERRORS as e:
         print(f"dn2: error: {e}", file=sys.stderr)
         return EXIT_ERROR

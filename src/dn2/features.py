@@ -1,8 +1,11 @@
 """Feature extraction: images in, one embedding per image out, streamed in batches.
 
-Decoding and resizing run in DataLoader worker processes and hand uint8 crops to the main
-process, which normalises and runs the backbone under ``torch.inference_mode``. Memory stays
-bounded: only a few batches of decoded images exist at any time.
+Decoding and resizing run in DataLoader worker processes (:class:`CropDataset`) and hand uint8
+crops to the main process, which gives them to the backbone's runner (:func:`dn2.runtime.get_runner`):
+as they are when the runner normalises inside its graph, normalised otherwise. Memory stays
+bounded: only a few batches of decoded images exist at any time. The backbone module passed in is
+not changed. Bad images are reported with ``warnings``; the summary goes to the ``dn2.features``
+logger (the application decides what to show).
 
 Example:
     >>> import numpy as np
@@ -15,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import sys
 import warnings
@@ -32,7 +36,9 @@ from tqdm.auto import tqdm
 from .backbones import DEFAULT_BACKBONE, Backbone, Preprocessing, load_backbone
 from .images import BadImageError, ImageSource, as_source
 from .runtime import PRECISIONS, RUNTIMES, cpu_supports_bf16  # noqa: F401 - re-exported (cli, bench)
-from .runtime import default_batch_size, mixed_bf16, onnx_backbone, openvino_backbone, resolve_precision, resolve_runtime
+from .runtime import get_runner, resolve_precision, resolve_runtime  # resolve_precision: re-exported (cache)
+
+logger = logging.getLogger(__name__)
 
 _INTERPOLATION = {
     "bilinear": TF.InterpolationMode.BILINEAR,
@@ -95,8 +101,21 @@ def default_num_workers(n_images: int) -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-class _Crops(Dataset):
-    """Decoded, resized crops of an image source; errors are returned, not raised, per item."""
+class CropDataset(Dataset):
+    """Decoded, resized uint8 crops of an image source, as ``(crop (3, H, W), index, error message)``.
+
+    Errors are returned, not raised, per item (the message is empty for a good image, and the crop
+    of a bad one is zeros), so one unreadable file does not stop a DataLoader's worker.
+
+    Example:
+        >>> import numpy as np
+        >>> from dn2.backbones import Preprocessing
+        >>> from dn2.images import as_source
+        >>> crops = CropDataset(as_source(np.zeros((2, 40, 40, 3), np.uint8)), Preprocessing(resize=36, crop=32))
+        >>> crop, index, error = crops[1]
+        >>> tuple(crop.shape), crop.dtype, index, error
+        ((3, 32, 32), torch.uint8, 1, '')
+    """
 
     def __init__(self, source: ImageSource, pre: Preprocessing):
         self.source = source
@@ -125,7 +144,7 @@ def _batches(source: ImageSource, pre: Preprocessing, batch_size: int, num_worke
     an OpenVINO compiled model destroyed in a forked child waits forever for its (absent) threads.
     """
     loader = DataLoader(
-        _Crops(source, pre),
+        CropDataset(source, pre),
         batch_size=batch_size,
         num_workers=num_workers,
         worker_init_fn=_worker_init if num_workers else None,
@@ -169,31 +188,20 @@ def extract(
     installed; see :mod:`dn2.runtime`); a failed conversion falls back to torch with a warning.
     ``precision="auto"`` is bf16 on CPUs with native bf16, else fp32; in both runtimes bf16 keeps the
     early high-resolution layers in fp32 (:data:`dn2.runtime.BF16_FP32_PARTS`).
-    ``batch_size=None`` uses the runtime's measured best.
+    ``batch_size=None`` uses the runner's measured best. ``backbone`` itself is left unchanged.
     """
     source = as_source(images)
     pre = backbone.config.preprocessing
-    precision = resolve_precision(precision, runtime)
-    runtime = resolve_runtime(runtime, precision)
+    runner = get_runner(backbone, runtime, precision)
     n = len(source)
     workers = default_num_workers(n) if num_workers is None else num_workers
     vectors = np.empty((n, backbone.config.feature_dim), dtype=np.float32)
     ok = np.ones(n, dtype=bool)
     skipped: list[str] = []
     tune_malloc()
-    backbone = backbone.to(memory_format=torch.channels_last)
-    model: Any = None
-    if runtime == "openvino":
-        model = openvino_backbone(backbone, precision)
-    elif runtime == "onnx":
-        model = onnx_backbone(backbone)
-    if model is None:
-        runtime, model = "torch", backbone
-    uint8_input = bool(getattr(model, "uint8_input", False))  # OpenVINO normalises inside its graph
-    batch_size = batch_size or default_batch_size(runtime)
-    memory_format = torch.channels_last if runtime == "torch" else torch.contiguous_format  # ORT/OpenVINO: NCHW
+    batch_size = batch_size or runner.default_batch_size
     bar = tqdm(total=n, unit="img", desc="embedding", disable=not progress, file=sys.stderr)
-    with torch.inference_mode(), mixed_bf16(backbone, enabled=precision == "bf16" and runtime == "torch"):
+    with torch.inference_mode():
         for crops, index, errors in _batches(source, pre, batch_size, workers):
             for i, message in zip(index.tolist(), errors):
                 if message:
@@ -202,15 +210,18 @@ def extract(
                     warnings.warn(f"skipping {message}", stacklevel=2)
                     ok[i] = False
                     skipped.append(message)
-            batch = crops if uint8_input else normalize(crops, pre).contiguous(memory_format=memory_format)
-            out = model(batch)
+            if runner.uint8_input:  # the runner normalises inside its graph
+                batch = crops
+            else:
+                batch = normalize(crops, pre).contiguous(memory_format=runner.input_memory_format)
+            out = runner(batch)
             if flip:
-                out = (out + model(torch.flip(batch, dims=[3]))) / 2
-            vectors[index.numpy()] = out.float().numpy()
+                out = (out + runner(torch.flip(batch, dims=[3]))) / 2
+            vectors[index.numpy()] = out.numpy()
             bar.update(len(index))
     bar.close()
     if skipped:
-        print(f"dn2: skipped {len(skipped)} bad image(s) of {n}", file=sys.stderr)
+        logger.info("skipped %d bad image(s) of %d", len(skipped), n)
     names = source.names()
     return Embeddings(vectors[ok], [nm for nm, good in zip(names, ok) if good], skipped)
 

@@ -317,3 +317,4 @@ __all__ = [
     "make_transform",
     "transform_from_state",
 ]
+

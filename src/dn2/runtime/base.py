@@ -1,0 +1,166 @@
+"""The contract every runtime meets (:class:`Runner`) and the precisions runners may declare.
+
+A runner is a backbone made ready to run by one runtime at one precision: called on a batch of crops,
+it returns (N, D) float32 embeddings. What it can do is declared as class data, read by
+:func:`dn2.runtime.resolve_runtime` and :func:`dn2.features.extract` instead of probing objects:
+
+- ``name``: the runtime's name ("torch", "onnx", "openvino");
+- ``precisions``: the precisions it can run (keys of :data:`PRECISION_TABLE`);
+- ``uint8_input``: the image normalisation is folded into its graph, so it takes the uint8 crops
+  as they are; otherwise it takes normalised float32 input in ``input_memory_format``;
+- ``default_batch_size``: the batch size measured fastest for it (BENCHMARKS.md).
+
+Example:
+    >>> from dn2.runtime.base import PRECISION_TABLE
+    >>> from dn2.runtime.cpu import cpu_features
+    >>> sorted(PRECISION_TABLE)
+    ['bf16', 'fp32']
+    >>> PRECISION_TABLE["fp32"].is_native(cpu_features())  # fp32 needs no special instructions
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Hashable
+
+import torch
+
+from .bf16 import fp32_parts
+from .cpu import BF16_NATIVE_FEATURES, CpuFeatures
+
+if TYPE_CHECKING:
+    from ..backbones import Backbone
+
+__all__ = [
+    "AUTO_PRECISION_ORDER",
+    "PRECISION_TABLE",
+    "Precision",
+    "Runner",
+    "backbone_identity",
+    "dn2_version",
+    "export_cache_key",
+    "runtime_cache_dir",
+]
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A numeric precision a runner may declare, and on which CPUs it is native (fast).
+
+    ``native_on``: :class:`~dn2.runtime.cpu.CpuFeatures` names of which any one makes it native;
+    empty means native everywhere. Only native precisions are candidates for ``precision="auto"``.
+    """
+
+    name: str
+    native_on: tuple[str, ...] = ()
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.native_on) - set(CpuFeatures.names())
+        if unknown:
+            raise ValueError(f"precision {self.name!r}: unknown CPU features {sorted(unknown)}")
+
+    def is_native(self, features: CpuFeatures) -> bool:
+        """True when ``features`` run this precision natively."""
+        return not self.native_on or features.has_any(self.native_on)
+
+
+# Every precision dn2 knows. A new one (e.g. int8) is one entry here, plus its name in the
+# ``precisions`` of the runners that can run it; "auto" considers it only if listed in
+# AUTO_PRECISION_ORDER (a precision that costs accuracy should be asked for, not chosen).
+PRECISION_TABLE: dict[str, Precision] = {
+    "fp32": Precision("fp32", description="float32 everywhere: the reference numerics"),
+    "bf16": Precision("bf16", native_on=BF16_NATIVE_FEATURES,
+                      description="bfloat16 matrix arithmetic with the early layers in fp32 (BF16_FP32_PARTS)"),
+}
+
+# What "auto" picks, first native one wins (fp32 is native everywhere). bf16 is listed: its accuracy
+# cost was measured negligible after the transforms that declare ``bf16_safe`` (dn2.normalize); dn2.settings.Method
+# narrows "auto" to fp32 for the others before it gets here.
+AUTO_PRECISION_ORDER: tuple[str, ...] = ("bf16", "fp32")
+
+
+def dn2_version() -> str:
+    """dn2's installed version, as ``dn2.__version__`` (read here without importing the package root)."""
+    try:
+        return importlib.metadata.version("dn2")
+    except importlib.metadata.PackageNotFoundError:  # a source tree without installation
+        return "0.0.0+unknown"
+
+
+def backbone_identity(backbone: "Backbone") -> tuple[str, str, int, tuple[int, ...]]:
+    """What a converted network depends on: (name, weights id, crop size, stages)."""
+    cfg = backbone.config
+    return cfg.name, backbone.weights_id, cfg.preprocessing.crop, tuple(getattr(backbone, "stages", ()))
+
+
+def export_cache_key(backbone: "Backbone", **extra: Any) -> str:
+    """A digest of what an exported network depends on: name, weights, crop, stages, dn2 and torch versions.
+
+    The exported files on disk are named by it: changing the fields or their spelling would orphan
+    every cached export, so it is kept exactly as it was when runtimes were one module.
+    """
+    name, weights_id, crop, stages = backbone_identity(backbone)
+    key = {
+        "name": name,
+        "weights_id": weights_id,
+        "crop": crop,
+        "stages": list(stages),
+        "dn2": dn2_version(),
+        "torch": torch.__version__,
+        **extra,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def runtime_cache_dir(kind: str) -> Path:
+    """Where exported networks of one kind live: ``$DN2_CACHE/<kind>`` or ``~/.cache/dn2/<kind>``."""
+    root = os.environ.get("DN2_CACHE")
+    return Path(root) / kind if root else Path.home() / ".cache" / "dn2" / kind
+
+
+class Runner(ABC):
+    """A backbone ready to run in one runtime at one precision: uint8 or float batch in, embeddings out.
+
+    Subclasses declare their capabilities as class attributes (see the module docstring) and build
+    themselves with :meth:`build`; :func:`dn2.runtime.get_runner` chooses, builds and caches them.
+    """
+
+    name: ClassVar[str]
+    precisions: ClassVar[frozenset[str]]
+    default_batch_size: ClassVar[int]
+    uint8_input: ClassVar[bool] = False
+    input_memory_format: ClassVar[torch.memory_format] = torch.contiguous_format
+    requirement: ClassVar[str] = ""  # what to install when available() is False, for the warning
+
+    precision: str  # the precision this instance runs
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether the runtime's packages are installed (checked without importing them)."""
+        return True
+
+    @classmethod
+    @abstractmethod
+    def build(cls, backbone: "Backbone", precision: str) -> "Runner":
+        """Convert/compile ``backbone`` for ``precision`` (one of :attr:`precisions`); raises if that fails."""
+
+    @classmethod
+    def cache_key(cls, backbone: "Backbone", precision: str) -> Hashable:
+        """What makes two runners interchangeable: runtime, precision (bf16: with its fp32 pieces), backbone identity."""
+        parts = fp32_parts() if precision == "bf16" else ()
+        return (cls.name, precision, parts, *backbone_identity(backbone))
+
+    @abstractmethod
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """(N, D) float32 embeddings of a (N, 3, H, W) batch: uint8 crops if :attr:`uint8_input`, else normalised."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(precision={self.precision!r})"
