@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import os
 import pickle
@@ -131,6 +132,13 @@ class SubsetSource(ImageSource):
 
     def names(self) -> list[str]:
         return [self.name(i) for i in range(len(self))]
+
+    def fingerprint(self) -> str:
+        """The base source's fingerprint and the indices."""
+        h = hashlib.sha256(type(self).__name__.encode())
+        h.update(self.base.fingerprint().encode())
+        h.update(np.ascontiguousarray(self.indices, dtype=np.int64).tobytes())
+        return h.hexdigest()
 
 
 def subset(split: Split, indices: Iterable[int] | np.ndarray) -> Split:
