@@ -2,14 +2,18 @@
 
 Memory model (why the budget is checked where it is): decoding holds the decoded pixels in the
 file's own mode (Pillow stores 1 byte per pixel for 1/L/P, 2 for 16-bit, 4 for everything else,
-RGB included) and then, unless they are RGB already, their RGB copy (4 bytes per pixel). The
-conversion runs in row bands, so its temporaries stay small whatever the image size; 16-bit,
+RGB included), then, unless they are RGB already, their RGB copy (4 bytes per pixel), plus what
+the decoder itself needs, known from the header too: a TIFF strip or tile (a strip may be the
+whole image), WebP's RGBA canvases and their copy (12 bytes per pixel), a progressive JPEG's DCT
+coefficients at full resolution (2 bytes per sample, whatever the draft scale). The conversion
+to RGB runs in row bands, so its temporaries stay a few MiB whatever the image size; 16-bit,
 32-bit and float images are scaled to 8 bits in float32 per band (no int64/float64 copies).
-:func:`open_image` computes ``width x height x (mode bytes + 4)`` from the header, after JPEG
-draft reduction and before any pixel is decoded, and refuses an image over ``dn2.config``
-``image_memory`` with :class:`BadImageError`. Turning an image upright (EXIF orientation) needs a
-second copy in its own mode; it is checked again before that copy is made. Only the first frame of
-a GIF, APNG, TIFF or WebP is decoded, so the frame count costs nothing.
+:func:`open_image` adds these up from the header, after JPEG draft reduction and before any
+pixel is decoded, and refuses an image over ``dn2.config`` ``image_memory`` with
+:class:`BadImageError`. Turning an image upright (EXIF orientation) needs a second copy in its
+own mode; it is checked again before that copy is made. Only the first frame of a GIF, APNG,
+TIFF or WebP is decoded, so the frame count costs nothing. Outside the budget, and bounded on
+their own: the encoded bytes (``max_file_bytes``) and the band temporaries.
 
 Only the formats of :data:`~dn2.images.files.IMAGE_EXTENSIONS` are decoded (Pillow can open many
 more, some through external programs); anything else is "not an image, or an unsupported format".
@@ -47,7 +51,7 @@ _ORIENTATION = {
     8: Image.Transpose.ROTATE_90,
 }
 _FLOAT_TOLERANCE = 1e-4  # float arrays may stray this far outside [0, 1] through rounding
-_BAND_PIXELS = 2**20  # pixels converted at a time: a few MiB of temporaries
+_BAND_PIXELS = 2**19  # pixels converted at a time: a few MiB of temporaries
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -76,13 +80,37 @@ def _pixel_bytes(mode: str) -> int:
     return 4
 
 
+def _decoder_bytes(im: Image.Image, full_size: tuple[int, int]) -> int:
+    """What the decoder needs besides the decoded image, from the header (see the module docstring)."""
+    w, h = im.size
+    if im.format == "TIFF":
+        tags = getattr(im, "tag_v2", {})
+        try:
+            if 322 in tags and 323 in tags:  # tiled: one tile at a time
+                block = int(tags[322]) * int(tags[323])
+            else:  # stripped: RowsPerStrip rows at a time (the default is every row)
+                block = w * min(h, int(tags.get(278, h)))
+        except (TypeError, ValueError):
+            block = w * h
+        return block * _pixel_bytes(im.mode)
+    if im.format == "WEBP":
+        return w * h * 12
+    if im.format in ("JPEG", "MPO") and im.info.get("progressive"):
+        layers = getattr(im, "layer", None) or [("", 1, 1, 0)] * 3
+        h_max = max(layer[1] for layer in layers) or 1
+        v_max = max(layer[2] for layer in layers) or 1
+        samples = sum(layer[1] * layer[2] for layer in layers) / (h_max * v_max)
+        return int(full_size[0] * full_size[1] * samples * 2)
+    return 0
+
+
 def _needs_conversion(im: Image.Image) -> bool:
     return not (im.mode == "RGB" and "transparency" not in im.info)
 
 
-def _check_budget(name: str, size: tuple[int, int], mode: str, bytes_per_pixel: int, what: str) -> None:
+def _check_budget(name: str, size: tuple[int, int], mode: str, bytes_per_pixel: int, what: str, extra: int = 0) -> None:
     limit = config.image_memory_bytes()
-    need = size[0] * size[1] * bytes_per_pixel
+    need = size[0] * size[1] * bytes_per_pixel + extra
     if need > limit:
         raise BadImageError(
             f"{name}: image too large to {what} ({size[0]} x {size[1]} {mode} needs about "
@@ -273,10 +301,12 @@ def open_image(
             if issubclass(w.category, Image.DecompressionBombWarning):
                 raise _too_large(name, f"{im.width} x {im.height} = {im.width * im.height:,}")
             warnings.warn(w.message, w.category, stacklevel=2)  # pass other warnings on
+        full_size = im.size
         if max_side and im.format in ("JPEG", "MPO"):
             im.draft("RGB", (max_side, max_side))
         per_pixel = _pixel_bytes(im.mode) + (4 if _needs_conversion(im) else 0)
-        _check_budget(name, im.size, im.mode, per_pixel, "decode")  # from the header: nothing decoded yet
+        # from the header, after the draft reduction: nothing is decoded yet
+        _check_budget(name, im.size, im.mode, per_pixel, "decode", _decoder_bytes(im, full_size))
         im.load()  # the first frame only
         im = _upright(im, name, owned=True)
         return to_rgb(im)

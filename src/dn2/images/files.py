@@ -77,7 +77,7 @@ def _reason(error: OSError) -> str:
 def _file_kind(mode: int) -> str:
     for test, kind in (
         (stat.S_ISDIR, "a folder"),
-        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISFIFO, "a named pipe"),
         (stat.S_ISSOCK, "a socket"),
         (stat.S_ISCHR, "a character device"),
         (stat.S_ISBLK, "a block device"),
