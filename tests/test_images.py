@@ -471,3 +471,16 @@ def test_limits_are_settings():
     assert settings["max_compression_ratio"] == 100
     with pytest.raises(ValueError, match="image_memory must be a positive integer"):
         config.set_config(image_memory=0)
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["dn2.images", "dn2.images.errors", "dn2.images.files", "dn2.images.archives", "dn2.images.decode",
+     "dn2.images.sources", "dn2.datasets", "dn2.datasets.core", "dn2.datasets.layout", "dn2.config"],
+)
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0

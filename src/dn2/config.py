@@ -33,21 +33,22 @@ class Settings:
     working_memory: MiB that the temporaries of one search, distance block or coreset step may
         take, whatever the size of the data (the exact kNN, the IVF search, the benchmark
         protocols' distance blocks). Larger is not always faster: the tiles are sized for the caches.
-    image_memory: MiB that decoding one image may take: the decoded pixels plus their 8-bit RGB
-        copy, estimated from the file's header before anything is decoded (JPEGs are first
-        reduced by draft decoding when a smaller size is asked for). An image that would need more
-        is refused with :class:`dn2.images.BadImageError`. 128 MiB takes a 16-bit 20-megapixel scan,
-        a 25-megapixel 8-bit grayscale or a 32-megapixel RGB PNG, and any JPEG a camera makes; each
-        decoding worker holds at most one image, so two workers stay near 2 x (128 MiB + the
-        encoded file), well under 500 MB above the model.
+    image_memory: MiB that decoding one image may take: its decoded pixels, their 8-bit RGB copy
+        and the decoder's own working memory, all known from the file's header, which is checked
+        before anything is decoded (JPEGs are first draft-reduced when a smaller size is asked
+        for). An image that would need more is refused with :class:`dn2.images.BadImageError`.
+        128 MiB admits e.g. a 20-megapixel 16-bit scan, a 25-megapixel 8-bit grayscale or a
+        32-megapixel RGB PNG, and camera JPEGs of any size. A decoding worker holds one image at a
+        time, so with the encoded file (``max_file_bytes``) it stays under 128 + 64 MiB: two
+        workers add well under 500 MB to the model.
     max_file_bytes: largest image file (or zip member, once inflated) that is read, in bytes;
         checked against the size the file system or the archive declares before reading, and
         again while reading (at most this many bytes + 1 are read: files can grow, archives lie).
-        64 MiB is more than any camera JPEG or compressed PNG of an image within ``image_memory``.
+        64 MiB is more than any camera JPEG, or compressed PNG of an image within ``image_memory``.
     max_compression_ratio: a zip member that declares it inflates more than this many times its
-        stored size is refused before it is inflated (a zip bomb; members under 1 MiB are exempt).
-        Images in a zip are mostly compressed already (ratio ~1); uncompressed BMP/TIFF/PPM of
-        real scenes stay far below 100, while deflate can reach about 1000.
+        stored size is refused before it is inflated (a zip bomb; members that inflate to at most
+        1 MiB are exempt). Images in zips are mostly compressed already (about 1:1); uncompressed
+        BMP/TIFF/PPM of real scenes stay well below 100, while deflate can reach about 1000.
     """
 
     working_memory: int = 256

@@ -193,7 +193,7 @@ def _band_converter(im: Image.Image) -> Callable[[Image.Image], Image.Image]:
                 offset, scale = 0.0, 1.0
         else:
             offset = min(lo, 0.0)  # negative data is shifted to start at 0
-            offset, scale = offset, 255.0 / _integer_range(im, hi - offset)
+            scale = 255.0 / _integer_range(im, hi - offset)
 
         def convert(band: Image.Image) -> Image.Image:
             values = np.asarray(band)
