@@ -215,6 +215,20 @@ def test_dangling_symlink_in_a_folder_is_one_bad_image(tmp_path):
     assert len(source.fingerprint()) == 64  # the cache key does not trip over them either
 
 
+def test_links_back_up_the_tree_are_not_walked(tmp_path):
+    """A link to an ancestor (here ``..``; ``/`` alike) would walk everything above the input."""
+    Image.new("L", (4, 4), 1).save(tmp_path / "outside.png")
+    inside = tmp_path / "data"
+    (inside / "sub").mkdir(parents=True)
+    Image.new("L", (4, 4), 2).save(inside / "sub" / "a.png")
+    (inside / "up").symlink_to("..")
+    (inside / "sub" / "loop").symlink_to(inside)
+    (inside / "elsewhere").symlink_to(tmp_path / "shared")  # a linked dataset folder is followed
+    (tmp_path / "shared").mkdir()
+    Image.new("L", (4, 4), 3).save(tmp_path / "shared" / "b.png")
+    assert as_source(inside).names() == ["elsewhere/b.png", "sub/a.png"]
+
+
 def test_non_utf8_file_names_become_printable(tmp_path):
     Image.new("L", (4, 4), 5).save(os.path.join(os.fsencode(tmp_path), b"caf\xe9 \x1b[31m.png"))
     source = as_source(tmp_path)

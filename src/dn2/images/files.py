@@ -228,7 +228,7 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
             if target in seen or _is_ancestor_or_self(target, real):  # a link back up the tree
                 continue
             kept.append(d)
-        dirnames[:] = kept
+        dirnames[:] = sorted(kept)  # sorted: which of two links to one folder is walked is the same everywhere
         found.extend(Path(dirpath, f) for f in filenames if is_image_name(f))
     root_error = next((e for e in unlisted if e.filename is not None and Path(e.filename) == folder), None)
     if root_error is not None:
