@@ -471,6 +471,19 @@ def test_limits_are_settings():
     assert settings["max_compression_ratio"] == 100
     with pytest.raises(ValueError, match="image_memory must be a positive integer"):
         config.set_config(image_memory=0)
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DN2_IMAGE_MEMORY": "7", "DN2_MAX_FILE_BYTES": "1234", "DN2_MAX_COMPRESSION_RATIO": "9"}
+    code = (  # dn2.config alone, without dn2/__init__ (which imports torch)
+        "import sys, types; p = types.ModuleType('dn2'); p.__path__ = [sys.argv[1]]; sys.modules['dn2'] = p; "
+        "from dn2 import config; s = config.get_config(); "
+        "print(s['image_memory'], s['max_file_bytes'], s['max_compression_ratio'])"
+    )
+    package = str(Path(config.__file__).parent)
+    out = subprocess.run([sys.executable, "-c", code, package], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["7", "1234", "9"]
 
 
 @pytest.mark.parametrize(
