@@ -529,3 +529,76 @@ def test_shared_cifar10_jpeg_zip() -> None:
     image = ds.test.source.load(0)
     assert image.mode == "RGB" and image.size == (32, 32)
     assert ds.test.source.name(0).startswith("test/airplane/")
+
+
+# ---------------------------------------------------------------------------------------------
+# the reader registry
+# ---------------------------------------------------------------------------------------------
+
+
+def test_explicit_mnist_format_is_obeyed(tmp_path: Path) -> None:
+    """Regression: format="mnist" used to pick Fashion-MNIST when a folder name said "fashion"."""
+    write_idx_set(tmp_path / "fashion_data" / "FashionMNIST" / "raw")
+    assert load_dataset(tmp_path / "fashion_data").name == "fashion-mnist"  # auto: the names decide
+    ds = load_dataset(tmp_path / "fashion_data", format="mnist")
+    assert ds.name == "mnist" and ds.classes == [str(d) for d in range(10)]
+    assert load_dataset(tmp_path / "fashion_data", format="idx").name == "fashion-mnist"
+    write_idx_set(tmp_path / "digits")
+    assert load_dataset(tmp_path / "digits", format="fashion-mnist").classes == FASHION_MNIST_CLASSES
+
+
+def test_formats_come_from_the_readers() -> None:
+    from dn2.datasets import FORMATS, READERS, DatasetReader, get_reader
+
+    assert set(FORMATS) == {"auto", "folder", "zip", "cifar10", "cifar100", "mnist", "fashion-mnist", "idx", "csv"}
+    names = [r.name for r in READERS]
+    assert len(names) == len(set(names)) and all(isinstance(r, DatasetReader) for r in READERS)
+    assert names[-1] == "folder"  # the catch-all layout is asked last
+    assert get_reader("csv").name == "csv"
+    with pytest.raises(ValueError, match="unknown dataset format 'imagenet'; expected one of auto, csv"):
+        get_reader("imagenet")
+
+
+def test_a_new_reader_is_one_class_and_one_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dn2.datasets import READERS, DatasetReader, LabelledDataset, LoadOptions, Split
+    from dn2.images import as_source
+
+    class MarkerReader(DatasetReader):
+        name = "marker"
+        looks_for = "a MARKER file"
+
+        def detect(self, path: Path) -> bool:
+            return (path / "MARKER").is_file()
+
+        def load(self, path: Path, options: LoadOptions) -> LabelledDataset:
+            images = as_source(np.zeros((2, 4, 4), np.uint8))
+            return LabelledDataset("marked", ["a", "b"], Split(images, [0, 1]), Split(images, [1, 0]))
+
+    make_class_folder(tmp_path, {"cat": 2, "dog": 2})
+    (tmp_path / "MARKER").write_text("")
+    assert load_dataset(tmp_path).name == tmp_path.name  # not registered: class folders
+    monkeypatch.setattr("dn2.datasets.registry.READERS", [MarkerReader(), *READERS])
+    assert load_dataset(tmp_path).name == "marked"
+    assert load_dataset(tmp_path, format="marker").name == "marked"
+    assert load_dataset(tmp_path, format="folder").classes == ["cat", "dog"]
+    with pytest.raises(ValueError, match="a MARKER file"):
+        load_dataset(tmp_path / "cat" / "000.png", format="auto")
+
+
+def test_folders_and_zips_share_one_layout(tmp_path: Path) -> None:
+    """The same files give the same dataset in a folder, a wrapped folder, and a zip."""
+    from dn2.datasets import class_layout
+
+    make_split_folder(tmp_path / "wrap" / "pets")
+    (tmp_path / "wrap" / "pets" / "train" / ".hidden").mkdir()
+    write_png(tmp_path / "wrap" / "pets" / "train" / ".hidden" / "x.png", 1)
+    zip_folder(tmp_path / "wrap", tmp_path / "pets.zip")
+    from_folder, from_zip = load_dataset(tmp_path / "wrap"), load_dataset(tmp_path / "pets.zip")
+    for ds in (from_folder, from_zip):
+        assert ds.classes == ["cat", "dog", "fox"]
+        assert ds.train.labels.tolist() == [0, 0, 0, 1, 1] and ds.test.labels.tolist() == [0, 1, 1, 2]
+    assert [n.replace(os.sep, "/") for n in from_folder.train.source.names()] == from_zip.train.source.names()
+    layout = class_layout([p.split("/") for p in ["a/1.png", "b/2.png", "a/3.png", "loose.png"]], "x", 0, 0.5)
+    assert layout.classes == ["a", "b"] and sorted(layout.train_index.tolist() + layout.test_index.tolist()) == [0, 1, 2]
+    with pytest.raises(ValueError, match="no class folders with images found in x"):
+        class_layout([["loose.png"]], "x", 0, 0.5)

@@ -138,7 +138,7 @@ def test_corrupt_and_non_image_data_name_the_file(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(BadImageError, match="empty.png: empty file"):
         open_image(empty)
-    with pytest.raises(FileNotFoundError, match="missing.png"):
+    with pytest.raises(BadImageError, match="missing.png: file not found"):  # one error type per file
         open_image(tmp_path / "missing.png")
     with pytest.raises(TypeError, match="bytes, a path or a PIL image"):
         open_image(123)
@@ -361,3 +361,139 @@ def test_image_source_is_the_common_base():
     assert all(issubclass(c, ImageSource) for c in (FileSource, ZipSource, PILSource, ArraySource))
     assert {".jpg", ".png", ".tiff", ".webp", ".pgm"} <= IMAGE_EXTENSIONS
     assert all(e == e.lower() and e.startswith(".") for e in IMAGE_EXTENSIONS)
+
+
+# ----------------------------------------------------------------------------- resizing
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+def test_resize_and_crop_is_torchvision_resize_and_center_crop(interpolation):
+    import torchvision.transforms.functional as TF
+
+    from dn2.images import resize_and_crop
+
+    mode = getattr(TF.InterpolationMode, interpolation.upper())
+    rng = np.random.default_rng(0)
+    for w, h in [(640, 480), (480, 640), (224, 224), (256, 300), (3, 40), (1000, 63), (100, 100), (7, 5)]:
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for resize, crop in [(256, 224), (224, 224), (100, 150)]:
+            expected = TF.center_crop(TF.resize(image, resize, interpolation=mode), [crop, crop])
+            got = resize_and_crop(image, resize, crop, interpolation)
+            assert got.size == (crop, crop)
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(expected), err_msg=f"{w}x{h} {resize}/{crop}")
+
+
+def test_resize_and_crop_of_a_long_strip_computes_only_the_crop():
+    from dn2.backbones import Preprocessing
+    from dn2.features import preprocess
+    from dn2.images import resize_and_crop
+
+    y = np.arange(40_000, dtype=np.float64)[:, None]
+    strip = Image.fromarray(np.repeat((y % 256).astype(np.uint8), 2, axis=1)).convert("RGB")  # 2 x 40,000
+    out = resize_and_crop(strip, 256, 224)  # the whole resize would be 256 x 5.1 million pixels
+    assert out.size == (224, 224)
+    # the crop comes from the middle rows of the strip, resized by 128: rows 19,992..20,008 or so
+    middle = np.asarray(strip)[19_990:20_010, 0, 0]
+    assert np.asarray(out)[:, :, 0].min() >= middle.min() - 1 and np.asarray(out)[:, :, 0].max() <= middle.max() + 1
+    assert tuple(preprocess(strip, Preprocessing()).shape) == (3, 224, 224)
+
+
+# ----------------------------------------------------------------------------- registry, names, settings
+
+
+def test_a_new_source_kind_is_one_class_and_one_registration(monkeypatch):
+    from dn2.images import SOURCE_KINDS, register_source
+
+    class RepeatSource(ImageSource):
+        """("repeat", image, n): one PIL image n times."""
+
+        def __init__(self, image, n):
+            self.image, self.n = image, n
+
+        @classmethod
+        def accepts(cls, X):
+            return isinstance(X, tuple) and len(X) == 3 and X[0] == "repeat"
+
+        @classmethod
+        def from_input(cls, X):
+            return cls(X[1], X[2])
+
+        def __len__(self):
+            return self.n
+
+        def name(self, i):
+            return f"repeat[{i}]"
+
+        def load(self, i, max_side=None):
+            return open_image(self.image, self.name(i))
+
+    monkeypatch.setattr("dn2.images.sources.SOURCE_KINDS", list(SOURCE_KINDS))
+    with pytest.raises(TypeError, match="cannot read images from tuple"):
+        as_source(("repeat", Image.new("L", (2, 2), 4), 3))
+    register_source(RepeatSource)
+    src = as_source(("repeat", Image.new("L", (2, 2), 4), 3))
+    assert isinstance(src, RepeatSource) and src.names() == ["repeat[0]", "repeat[1]", "repeat[2]"]
+    assert px(src.load(2)) == (4, 4, 4) and len(src.fingerprint()) == 64  # the default fingerprint: pixels
+    assert as_source([Image.new("L", (1, 1))]).names() == ["images[0]"]  # the built-in kinds still answer
+
+
+def test_printable_names():
+    from dn2.images import printable
+
+    assert printable("ok/name.png") == "ok/name.png"
+    assert printable(b"caf\xe9.png") == "caf\\xe9.png"
+    assert printable("caf\udce9.png") == "caf\\xe9.png"  # how os.listdir shows that byte
+    assert printable("bell\a\n.png") == "bell\\x07\\x0a.png"
+    assert printable(Path("x") / "\udcff") == "x/\\xff"
+
+
+def test_zip_listing_rule_is_shared_by_sources_and_datasets(tmp_path):
+    from dn2.datasets import load_dataset
+    from dn2.images import image_members, list_zip_images
+
+    names = ["train/a/1.png", "train/a/.2.png", "train/.cache/a/3.png", "__MACOSX/train/a/._1.png",
+             "test/a/4.JPG", "test/a/", "test/a/notes.txt", "test/b/5.webp"]
+    path = tmp_path / "data.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for n in names:
+            zf.writestr(n, b"" if n.endswith("/") else encode(Image.new("L", (2, 2)), "PNG"))
+    assert image_members(names) == ["test/a/4.JPG", "test/b/5.webp", "train/a/1.png"]
+    assert list_zip_images(path) == ZipSource(path).members == image_members(names)
+    ds = load_dataset(path)
+    assert sorted(ds.train.source.names() + ds.test.source.names()) == image_members(names)
+
+
+def test_limits_are_settings():
+    from dn2 import config
+
+    settings = config.get_config()
+    assert settings["image_memory"] == 128 and settings["max_file_bytes"] == 64 * 2**20
+    assert settings["max_compression_ratio"] == 100
+    with pytest.raises(ValueError, match="image_memory must be a positive integer"):
+        config.set_config(image_memory=0)
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DN2_IMAGE_MEMORY": "7", "DN2_MAX_FILE_BYTES": "1234", "DN2_MAX_COMPRESSION_RATIO": "9"}
+    code = (  # dn2.config alone, without dn2/__init__ (which imports torch)
+        "import sys, types; p = types.ModuleType('dn2'); p.__path__ = [sys.argv[1]]; sys.modules['dn2'] = p; "
+        "from dn2 import config; s = config.get_config(); "
+        "print(s['image_memory'], s['max_file_bytes'], s['max_compression_ratio'])"
+    )
+    package = str(Path(config.__file__).parent)
+    out = subprocess.run([sys.executable, "-c", code, package], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["7", "1234", "9"]
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["dn2.images", "dn2.images.errors", "dn2.images.files", "dn2.images.archives", "dn2.images.decode",
+     "dn2.images.sources", "dn2.datasets", "dn2.datasets.core", "dn2.datasets.layout", "dn2.config"],
+)
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0

@@ -1,9 +1,10 @@
 """Embedding cache: benchmark sweeps embed each dataset once per backbone, then reuse it.
 
 An entry is keyed by what determines the embeddings: the backbone's identity (name, weights
-hash, preprocessing), the precision, and a fingerprint of the images (path + size + mtime for
-image files, the archive's bytes and member list for a zip, so a re-copied dataset archive still
-hits; the pixel bytes for arrays and PIL images). Entries are model-format
+hash, preprocessing), the precision, and a fingerprint of the images, which each image source
+computes itself (:meth:`dn2.images.ImageSource.fingerprint`: path + size + mtime for image files,
+the archive's bytes and member list for a zip, so a re-copied dataset archive still hits; the
+pixel bytes for arrays and PIL images). Entries are model-format
 files (safetensors + JSON, see :mod:`dn2.modelfile`): no pickle, integrity-checked on read.
 
 Example:
@@ -14,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -24,10 +24,9 @@ from typing import Any
 import numpy as np
 from sklearn.base import clone
 
-from .datasets import SubsetSource
 from .features import Embedder, Embeddings, backbone_names, resolve_precision
 from . import runtime
-from .images import ArraySource, FileSource, ImageSource, PILSource, ZipSource, as_source
+from .images import ImageSource, as_source
 from .modelfile import ModelFileError, read_model, write_model
 
 
@@ -36,46 +35,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DN2_CACHE") or Path.home() / ".cache" / "dn2" / "embeddings")
 
 
-def _stat(path: Path) -> list[Any]:
-    st = path.stat()
-    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
-
-
-def _content_digest(path: Path) -> str:
-    """sha256 of a file's bytes, computed once per (path, size, mtime) in a process."""
-    st = path.stat()
-    return _digest_of(str(path.resolve()), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=64)
-def _digest_of(path: str, size: int, mtime_ns: int, chunk: int = 2**20) -> str:
-    """sha256 of the file's bytes (about 1 s per GB); size and mtime only key the memo."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fingerprint(source: ImageSource) -> str:
-    """A digest that changes when the images (or their order) change."""
-    h = hashlib.sha256(type(source).__name__.encode())
-    if isinstance(source, SubsetSource):
-        h.update(fingerprint(source.base).encode())
-        h.update(np.ascontiguousarray(source.indices, dtype=np.int64).tobytes())
-    elif isinstance(source, FileSource):
-        h.update(json.dumps([_stat(p) for p in source.paths]).encode())
-    elif isinstance(source, ZipSource):  # one file: hash its bytes, so a re-copied archive still hits
-        h.update(json.dumps([_content_digest(source.zip_path), source.members]).encode())
-    elif isinstance(source, ArraySource) and isinstance(source.array, np.ndarray):
-        h.update(str((source.array.shape, source.array.dtype.str)).encode())
-        h.update(np.ascontiguousarray(source.array).tobytes())
-    else:  # PIL images, lists of arrays, mixed inputs: hash the decoded pixels
-        for i in range(len(source)):
-            image = source.load(i)
-            h.update(str(image.size).encode())
-            h.update(image.tobytes())
-    return h.hexdigest()
+    """A digest that changes when the images (or their order) change: ``source.fingerprint()``.
+
+    Each kind of source knows how to fingerprint itself (files by path + size + mtime, a zip
+    archive by its bytes and member list, arrays by their bytes, ...; see :mod:`dn2.images`).
+    """
+    return source.fingerprint()
 
 
 def cache_key(embedder: Embedder, source: ImageSource) -> str:

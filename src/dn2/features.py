@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .backbones import DEFAULT_BACKBONE, Backbone, Preprocessing, load_backbone
-from .images import BadImageError, ImageSource, as_source
+from .images import BadImageError, ImageSource, as_source, resize_and_crop
 from .runtime import PRECISIONS, RUNTIMES, cpu_supports_bf16  # noqa: F401 - re-exported (cli, bench)
 from .runtime import get_runner, resolve_precision, resolve_runtime  # resolve_precision: re-exported (cache)
 
@@ -57,9 +57,12 @@ class Embeddings:
 
 
 def preprocess(image: Image.Image, pre: Preprocessing) -> torch.Tensor:
-    """Resize the short side, centre crop; returns a (3, crop, crop) uint8 tensor."""
-    image = TF.resize(image, pre.resize, interpolation=_INTERPOLATION[pre.interpolation])
-    image = TF.center_crop(image, [pre.crop, pre.crop])
+    """Resize the short side, centre crop; returns a (3, crop, crop) uint8 tensor.
+
+    torchvision's Resize + CenterCrop, computed by :func:`dn2.images.resize_and_crop` so that an
+    extreme aspect ratio cannot make a huge intermediate image.
+    """
+    image = resize_and_crop(image, pre.resize, pre.crop, pre.interpolation)
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
