@@ -122,9 +122,11 @@ def _write_csv(path: Path, rows: list[dict[str, str]], force: bool) -> None:
     """The score table as CSV, written atomically (a crash never leaves half a file or loses the old one)."""
     from .outputs import atomic_path
 
-    fields = list(rows[0]) if rows else ["image", "anomaly_score", "verdict"]
+    fields = ["image", "anomaly_score", "verdict"]
     for r in rows:
-        fields += [f for f in r if f not in fields]
+        fields += [f for f in r if f not in fields and f != "reason"]
+    if any("reason" in r for r in rows):
+        fields.append("reason")  # why an image was skipped
     with atomic_path(path, force=force, what="CSV file") as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=fields)
@@ -151,14 +153,14 @@ def cmd_score(args: argparse.Namespace) -> int:
     det = model.detector
     scores = det.anomaly_score(emb.vectors) if len(emb.vectors) else []
     neighbours = det.nearest(emb.vectors, args.explain) if args.explain and len(emb.vectors) else None
-    rows = []
-    for i, (name, score) in enumerate(zip(emb.names, scores)):
-        verdict = "anomaly" if score > det.threshold_ else "normal"
-        row = {"image": name, "anomaly_score": f"{score:.6f}", "verdict": verdict}
+    rows: list[dict[str, str]] = [{"image": name, "anomaly_score": "", "verdict": "skipped", "reason": emb.errors[i]}
+                                  if i in emb.errors else {} for i, name in enumerate(emb.input_names)]
+    for row_number, (position, name, score) in enumerate(zip(emb.positions, emb.names, scores)):
+        row = {"image": name, "anomaly_score": f"{score:.6f}", "verdict": "anomaly" if score > det.threshold_ else "normal"}
         if neighbours is not None:
-            for j, (nn_name, dist) in enumerate(neighbours[i], 1):
+            for j, (nn_name, dist) in enumerate(neighbours[row_number], 1):
                 row[f"nearest_{j}"], row[f"distance_{j}"] = nn_name, f"{dist:.6f}"
-        rows.append(row)
+        rows[position] = row
     width = max([len(r["image"]) for r in rows] + [5])
     print(f"{'image':<{width}}  anomaly_score  verdict  (threshold {det.threshold_:.4f})")
     for r in rows:

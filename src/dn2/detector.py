@@ -513,8 +513,13 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         return self.embedder.embed(X)
 
     def anomaly_score(self, X: Any) -> np.ndarray:
-        """The paper's d(y) per image: mean distance to the k nearest normal training images."""
-        return self.detector.anomaly_score(self.embedder.transform(X))
+        """The paper's d(y) per image: mean distance to the k nearest normal training images.
+
+        One score per input, in input order; an image skipped as unreadable (``skip_bad=True``)
+        gets NaN (and ``predict`` gives it 0), so scores never shift onto the wrong images.
+        """
+        emb = self.embed(X)
+        return emb.aligned(self.detector.anomaly_score(emb.vectors) if len(emb.vectors) else np.empty(0))
 
     @available_if(_novelty_off)
     def fit_predict(self, X: Any, y: Any = None) -> np.ndarray:
@@ -523,8 +528,14 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         return np.where(self.detector.train_scores_ <= self.threshold_, 1, -1)
 
     def nearest(self, X: Any, n: int = 3) -> Neighbours:
-        """The ``n`` nearest normal training images (name, distance) per image, as an explanation."""
-        return self.detector.nearest(self.embedder.transform(X), n)
+        """The ``n`` nearest normal training images (name, distance) per image, as an explanation
+        (an empty list for an image skipped as unreadable)."""
+        emb = self.embed(X)
+        found = self.detector.nearest(emb.vectors, n) if len(emb.vectors) else []
+        out: Neighbours = [[] for _ in range(emb.n_inputs)]
+        for position, row in zip(emb.positions, found):
+            out[position] = row
+        return out
 
     def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
         """Write the model (method, embeddings, names, threshold, backbone identity) to a safe model file.
