@@ -42,7 +42,7 @@ from .modelfile import ModelFileError, read_model_file, write_model
 from .normalize import NORMALIZATIONS, EmbeddingTransform, make_transform, transform_from_state
 from .params import Constraint, InstanceOf, Interval, Options, Predicate, TupleOf, validate
 from .runtime import RUNTIMES, resolve_precision
-from .search import INDEX_KINDS, kmeans, knn_score, make_index
+from .search import INDEX_KINDS, kmeans, knn_score, make_index, restore_index
 from .settings import PRECISION_CHOICES, PRESETS, Method, method_for
 
 __all__ = ["DN2", "KNNDetector", "Neighbours", "clean_training_set", "load"]
@@ -209,10 +209,15 @@ class KNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
         self.threshold_ = float(np.quantile(reference, 1.0 - rate))
         self.offset_ = -self.threshold_
 
-    def _set_memory(self, memory: np.ndarray, names: list[str]) -> None:
+    def _set_memory(self, memory: np.ndarray, names: list[str], index_state: dict[str, np.ndarray] | None = None) -> None:
+        """Keep the searched embeddings and index them; with the saved ``index_state`` the index is
+        rebuilt as it was (an IVF without re-running k-means) instead of fitted anew."""
         self.memory_ = np.ascontiguousarray(memory, dtype=np.float32)
         self.memory_names_ = names
-        self.index_ = self._new_index().fit(self.memory_)
+        if index_state:
+            self.index_ = restore_index(self.index, self.memory_, self.index_params or {}, index_state)
+        else:
+            self.index_ = self._new_index().fit(self.memory_)
 
     def _training_scores(self, X: np.ndarray, kept: np.ndarray) -> np.ndarray:
         """Score of every training item: leave-one-out for items in memory, plain search otherwise."""
@@ -266,6 +271,7 @@ class KNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
         }
         tensors = {"memory": self.memory_, "train_scores": self.train_scores_, "kept": self.kept_}
         tensors.update({f"normalize/{key}": value for key, value in self.normalizer_.state().items()})
+        tensors.update({f"index/{key}": value for key, value in self.index_.state().items()})
         return header, tensors
 
     @classmethod
@@ -313,7 +319,8 @@ class KNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
             raise ValueError(f"the {det.normalize!r} transform's state does not fit {n_features} features ({e})") from None
         if probe.shape != (1, n_features):
             raise ValueError(f"the {det.normalize!r} transform's state does not fit {n_features} features")
-        det._set_memory(memory, list(names))
+        index_state = {key.split("/", 1)[1]: value for key, value in tensors.items() if key.startswith("index/")}
+        det._set_memory(memory, list(names), index_state)
         det.n_features_in_ = n_features
         det.kept_ = kept
         det.train_scores_ = train_scores
