@@ -29,14 +29,18 @@ def test_fit_then_score_flags_the_odd_images(image_folders, tmp_path, capsys):
     assert rows[0]["nearest_1"].startswith("n") and float(rows[0]["distance_2"]) >= float(rows[0]["distance_1"])
 
 
-def test_python_api_matches_the_cli_model(image_folders, tmp_path):
-    model = dn2.DN2(progress=False).fit(image_folders["normal"])
-    path = model.save(tmp_path / "m.dn2")
-    loaded = dn2.load(path)
+def test_python_api_matches_the_cli_model(image_folders, tmp_path, capsys):
+    """`dn2 fit` and `DN2().fit` with the same settings give the same model: same scores, threshold, backbone."""
+    cli_path = tmp_path / "cli.dn2"
+    assert main(["fit", str(image_folders["normal"]), "-o", str(cli_path), "--quiet", "--k", "3", "--fpr", "0.1"]) == 0
+    from_cli = dn2.load(cli_path)
+    model = dn2.DN2(k=3, fpr=0.1, progress=False).fit(image_folders["normal"])
+    from_api = dn2.load(model.save(tmp_path / "api.dn2"))
     test = image_folders["test"]
-    np.testing.assert_array_equal(loaded.anomaly_score(test), model.anomaly_score(test))
-    assert loaded.threshold_ == model.threshold_
-    assert loaded.embedder.identity() == model.embedder.identity()
+    np.testing.assert_array_equal(from_cli.anomaly_score(test), from_api.anomaly_score(test))
+    np.testing.assert_array_equal(from_api.anomaly_score(test), model.anomaly_score(test))
+    assert from_cli.threshold_ == model.threshold_ and from_cli.method_ == model.method_
+    assert from_cli.embedder.identity() == model.embedder.identity()
 
 
 def test_model_and_csv_are_never_overwritten_without_force(image_folders, tmp_path, capsys):
