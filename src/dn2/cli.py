@@ -63,15 +63,24 @@ def _inputs(values: Sequence[str]) -> str | list[str]:
     return values[0] if len(values) == 1 else list(values)
 
 
-def _index_params(items: Sequence[str]) -> dict[str, int | str]:
+def _number_or_text(value: str) -> int | float | str:
+    """A command-line value as the int or float it spells, else the text itself."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _index_params(items: Sequence[str]) -> dict[str, int | float | str]:
     """['nprobe=32', 'precision=fp32'] -> {'nprobe': 32, 'precision': 'fp32'}; make_index checks the names."""
-    params: dict[str, int | str] = {}
+    params: dict[str, int | float | str] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip() or not value.strip():
             raise ValueError(f"--index-param takes KEY=VALUE, got {item!r}")
-        value = value.strip()
-        params[key.strip()] = int(value) if value.lstrip("-").isdigit() else value
+        params[key.strip()] = _number_or_text(value.strip())
     return params
 
 
