@@ -67,7 +67,7 @@ def _encode(rng: random.Random) -> bytes:
             im.save(buf, fmt, save_all=True, append_images=[im] * (frames - 1))
         else:
             im.save(buf, fmt)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):  # Pillow cannot write this combination
         buf = io.BytesIO()
         im.convert("RGB").save(buf, "PNG")
     return buf.getvalue()
