@@ -61,6 +61,8 @@ def _rewritten(path, tmp_path, change):
     (lambda h, t: t.update(kept=t["kept"][::-1].copy()), "kept"),
     (lambda h, t: t.update(memory=np.full_like(t["memory"], np.nan)), "NaN"),
     (lambda h, t: t.update({"normalize/components_": np.eye(3, dtype=np.float32)}), "transform"),
+    (lambda h, t: t.update({"normalize/mean_": np.full(6, np.nan, np.float32)}), "finite"),  # found by fuzzing
+    (lambda h, t: t.update({"normalize/shrinkage_": np.zeros(0, np.float32)}), "transform"),  # found by fuzzing
 ])
 def test_malformed_fields_are_clear_errors_naming_the_file(detector_file, tmp_path, change, problem):
     path = _rewritten(detector_file, tmp_path, change)

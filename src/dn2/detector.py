@@ -312,12 +312,15 @@ class KNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
         if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not np.isfinite(threshold):
             raise ValueError(f"threshold must be a finite number, got {threshold!r}")
         state = {key.split("/", 1)[1]: value for key, value in tensors.items() if key.startswith("normalize/")}
-        det.normalizer_ = transform_from_state(det.normalize, state, det.blocks, **(det.normalize_params or {}))
+        for key, value in state.items():
+            if value.dtype != np.float32 or not np.isfinite(value).all():
+                raise ValueError(f"tensor 'normalize/{key}' must be finite float32")
         try:
-            probe = det.normalizer_.transform(np.zeros((1, n_features), dtype=np.float32))
-        except (ValueError, TypeError, AttributeError) as e:
+            det.normalizer_ = transform_from_state(det.normalize, state, det.blocks, **(det.normalize_params or {}))
+            probe = det.normalizer_.transform(np.ones((1, n_features), dtype=np.float32))
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
             raise ValueError(f"the {det.normalize!r} transform's state does not fit {n_features} features ({e})") from None
-        if probe.shape != (1, n_features):
+        if probe.shape != (1, n_features) or not np.isfinite(probe).all():
             raise ValueError(f"the {det.normalize!r} transform's state does not fit {n_features} features")
         index_state = {key.split("/", 1)[1]: value for key, value in tensors.items() if key.startswith("index/")}
         det._set_memory(memory, list(names), index_state)
