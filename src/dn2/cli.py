@@ -103,6 +103,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         runtime=args.runtime,
         progress=not args.quiet,
         skip_bad=args.skip_bad,
+        thumbnails=args.thumbnails,
     )
     model.check_params()
     source = as_source(_inputs(args.images))
@@ -307,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "flat, ivf_faiss, ivfpq, hnsw")
     p.add_argument("--index-param", action="append", default=[], metavar="KEY=VALUE",
                    help="index parameter, repeatable: e.g. --index ivf --index-param nprobe=32 (integers or fp32/bf16)")
+    p.add_argument("--thumbnails", type=int, nargs="?", const=96, default=None, metavar="PX",
+                   help="keep a small JPEG of each training image in the model file (long side PX, default 96), "
+                        "shown beside verdicts by dn2 serve and dn2 score --report")
     p.add_argument("--force", action="store_true", help="overwrite an existing model file")
     _add_runtime_options(p)
     p.set_defaults(func=cmd_fit)
