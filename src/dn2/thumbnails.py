@@ -27,7 +27,7 @@ from PIL import Image
 
 from .images import ImageSource
 
-__all__ = ["MAX_SIZE", "MIN_SIZE", "Thumbnails", "make_thumbnail", "pack", "thumbnails_of"]
+__all__ = ["MAX_SIZE", "MIN_SIZE", "Thumbnails", "embedded_positions", "make_thumbnail", "pack", "thumbnails_of"]
 
 MIN_SIZE, MAX_SIZE = 16, 512  # long side in pixels: below 16 nothing is recognisable, above 512 files swell
 FORMAT, MEDIA_TYPE, SIGNATURE = "JPEG", "image/jpeg", b"\xff\xd8\xff"
@@ -108,8 +108,13 @@ def pack(images: Sequence[bytes], size: int) -> Thumbnails:
     return Thumbnails(size, data, offsets)
 
 
-def _positions(source_names: Sequence[str], embedded_names: Sequence[str]) -> list[int]:
-    """Source index of each embedded image: the embedded names are the source's, minus skipped ones, in order."""
+def embedded_positions(source_names: Sequence[str], embedded_names: Sequence[str]) -> list[int]:
+    """Source index of each embedded image: the embedded names are the source's, minus skipped ones, in order.
+
+    Example:
+        >>> embedded_positions(["a", "bad", "c"], ["a", "c"])
+        [0, 2]
+    """
     positions: list[int] = []
     for i, name in enumerate(source_names):
         if len(positions) < len(embedded_names) and name == embedded_names[len(positions)]:
@@ -128,5 +133,5 @@ def thumbnails_of(source: ImageSource, embedded_names: Sequence[str], rows: Sequ
     """
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise ValueError(f"thumbnails must be {MIN_SIZE} to {MAX_SIZE} px, got {size}")
-    positions = _positions(source.names(), embedded_names)
+    positions = embedded_positions(source.names(), embedded_names)
     return pack([make_thumbnail(source.load(positions[r], max_side=size), size) for r in rows], size)
