@@ -105,7 +105,7 @@ class MicroBatcher:
         """Run each model once on a small image, so the first request does not pay for compiling the network."""
         for served in self.models.values():
             job = Job(served.name, [Image.new("RGB", (64, 64), (128, 128, 128))], explain=1)
-            self._run_group(served, [job])
+            self._run_group(served, [job], count=False)
             job.future.result()
 
     # -- requests -----------------------------------------------------------------------------
@@ -164,7 +164,7 @@ class MicroBatcher:
             if job is not None and job.future.set_running_or_notify_cancel():
                 self._run_group(self.models[job.model], [job])
 
-    def _run_group(self, served: ServedModel, jobs: list[Job]) -> None:
+    def _run_group(self, served: ServedModel, jobs: list[Job], count: bool = True) -> None:
         """Embed, score and map the images of ``jobs`` together; each future gets its share (or the error)."""
         started = time.perf_counter()
         try:
@@ -177,7 +177,7 @@ class MicroBatcher:
             for job in jobs:
                 job.future.set_exception(e)
             return
-        if self.on_batch is not None:
+        if self.on_batch is not None and count:
             self.on_batch(served.name, len(images), time.perf_counter() - started)
         start = 0
         for job in jobs:

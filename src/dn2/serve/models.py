@@ -29,7 +29,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 def model_spec(spec: str) -> tuple[str, str]:
     """``"NAME=PATH"`` or ``"PATH"`` (named after the file's stem) -> (name, path)."""
     name, sep, path = spec.partition("=")
-    if sep and NAME_PATTERN.fullmatch(name) and not os.path.exists(spec):
+    if sep and not os.path.exists(spec):  # a file whose name holds "=" is still a file
         return name, path
     return Path(spec).stem, spec
 
