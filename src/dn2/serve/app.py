@@ -93,6 +93,7 @@ class _Observe:
             await self.app(scope, receive, send)
             return
         started, status = time.perf_counter(), 500
+        self.metrics.begin()
 
         async def send_with_headers(message: Message) -> None:
             nonlocal status

@@ -7,7 +7,7 @@ client cannot grow the label set; unknown paths count as ``other``.
 
 Example:
     >>> m = Metrics(["m"])
-    >>> m.request("/v1/score", 200, 0.02)
+    >>> m.begin(); m.request("/v1/score", 200, 0.02)
     >>> m.images("m", scored=3, refused=1)
     >>> text = m.render()
     >>> 'dn2_requests_total{endpoint="/v1/score",status="200"} 1' in text
@@ -70,10 +70,17 @@ class Metrics:
         self.refused: dict[str, int] = {m: 0 for m in self.scored}
         self.batches: dict[str, _Histogram] = {m: _Histogram(BATCH_BUCKETS) for m in self.scored}
         self.inference_seconds: dict[str, float] = {m: 0.0 for m in self.scored}
+        self.in_flight = 0
+
+    def begin(self) -> None:
+        """A request arrived (the in-flight gauge; :meth:`request` ends it)."""
+        with self._lock:
+            self.in_flight += 1
 
     def request(self, endpoint: str, status: int, seconds: float) -> None:
         """One answered request; 4xx count as ``rejected`` errors, 5xx as ``server`` errors."""
         with self._lock:
+            self.in_flight -= 1
             self.requests[(endpoint, status)] += 1
             if status >= 400:
                 self.errors["server" if status >= 500 else "rejected"] += 1
@@ -100,6 +107,8 @@ class Metrics:
                    "# TYPE dn2_requests_total counter"]
             out += [f'dn2_requests_total{{endpoint="{_label(e)}",status="{s}"}} {n}'
                     for (e, s), n in sorted(self.requests.items())]
+            out += ["# HELP dn2_requests_in_flight HTTP requests being handled now (this one included).",
+                    "# TYPE dn2_requests_in_flight gauge", f"dn2_requests_in_flight {self.in_flight}"]
             out += ["# HELP dn2_errors_total Errors: rejected requests (4xx), server errors (5xx), bad images in uploads.",
                     "# TYPE dn2_errors_total counter"]
             out += [f'dn2_errors_total{{kind="{k}"}} {self.errors.get(k, 0)}' for k in ("rejected", "server", "bad_image")]
