@@ -5,11 +5,8 @@ Traffic goes only to the loopback address of this machine; every loop is bounded
 
 from __future__ import annotations
 
-import io
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,71 +16,14 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
-import dn2  # noqa: E402
+from serving import CLEAN_EXIT, HOST, Server, fit_model, jpeg  # noqa: E402
 
-HOST = "127.0.0.1"
 LOAD_CLIENTS, LOAD_SECONDS, LOAD_MAX_REQUESTS = 16, 6.0, 400
-# uvicorn shuts down gracefully, then re-raises the signal it caught: the process ends "by SIGTERM", as
-# service managers expect of a stop; both mean a clean stop.
-CLEAN_EXIT = (0, -signal.SIGTERM)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def jpeg(seed: int, kind: str = "stripes", size: int = 256) -> bytes:
-    from conftest import make_image
-
-    out = io.BytesIO()
-    make_image(kind, seed, size).save(out, format="JPEG", quality=90)
-    return out.getvalue()
-
-
-class Server:
-    """``dn2 serve`` in a subprocess; stops it on exit (SIGTERM, then kill if it hangs)."""
-
-    def __init__(self, model: Path, *options: str):
-        self.port = free_port()
-        self.url = f"http://{HOST}:{self.port}"
-        self.log = model.parent / f"serve-{self.port}.log"
-        cmd = [sys.executable, "-m", "dn2.cli", "serve", str(model), "--host", HOST, "--port", str(self.port), *options]
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"dn2 serve exited: {self.log.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"dn2 serve did not start: {self.log.read_text()}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
-    from conftest import make_image
-
-    root = tmp_path_factory.mktemp("server")
-    normal = root / "normal"
-    normal.mkdir()
-    for i in range(12):
-        make_image("stripes", i, 96).save(normal / f"n{i:02d}.png")
-    return dn2.DN2(preset="paper", progress=False, thumbnails=32).fit(normal).save(root / "parts.dn2")
+    return fit_model(tmp_path_factory.mktemp("server"))
 
 
 @pytest.fixture(scope="module")

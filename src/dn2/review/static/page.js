@@ -43,7 +43,7 @@
         state.models[m.name] = m;
         var o = document.createElement("option");
         o.value = m.name;
-        o.textContent = m.name + " · " + m.backbone + " · k=" + m.k + (m.thumbnails ? "" : " · no thumbnails");
+        o.textContent = m.name + " (" + m.backbone + ", k=" + m.k + ")";
         select.appendChild(o);
       });
       $("server-info").textContent = "dn2 " + body.dn2_version + " · " + body.models.length + " model" +
