@@ -23,31 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dn2.bench import limit_dataset, rocauc
-from dn2.cache import cached_embed
+from common import embed_splits, unimodal_aucs
+from dn2.bench import limit_dataset
 from dn2.datasets import load_dataset
-from dn2.features import Embedder
 from dn2.normalize import NORMALIZATIONS, make_transform
-from dn2.search import knn
-
-
-def unimodal_aucs(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray, *, k: int = 2,
-                  normalize: str = "none") -> list[float]:
-    """Per-class ROCAUC % with the normal class's fitted transform and kNN score (mean of k distances)."""
-    aucs = []
-    for c in range(int(ytr.max()) + 1):
-        t = make_transform(normalize).fit(xtr[ytr == c])
-        dist, _ = knn(t.transform(xtr[ytr == c]), t.transform(xte), k)
-        aucs.append(rocauc(yte != c, dist.mean(axis=1)))
-    return aucs
-
-
-def embed(ds, backbone: str, **options) -> tuple[np.ndarray, np.ndarray, float]:
-    """Train and test embeddings through the cache and the seconds it took (0-ish when cached)."""
-    emb = Embedder(backbone=backbone, num_workers=1, **options)
-    start = time.perf_counter()
-    tr, te = cached_embed(emb, ds.train.source), cached_embed(emb, ds.test.source)
-    return tr.vectors, te.vectors, time.perf_counter() - start
 
 
 def row(name: str, aucs: list[float], extra: str = "") -> str:
@@ -82,7 +61,7 @@ def main() -> None:
     backbones = [b for b in args.backbones.split(",") if b]
     embs = {}
     for b in backbones:  # plain embeddings of the full dataset (cached), restricted to the subset
-        xtr, xte, secs = embed(full, b)
+        xtr, xte, secs = embed_splits(full, b, num_workers=1)
         embs[b] = (xtr if subset_of["train"] is None else xtr[subset_of["train"]],
                    xte if subset_of["test"] is None else xte[subset_of["test"]], secs)
     for b, (xtr, xte, secs) in embs.items():
@@ -103,7 +82,7 @@ def main() -> None:
     for option in [o for o in args.extract.split(",") if o]:
         for b in backbones:
             opts = {"flip": True} if option == "flip" else {"stages": (-2, -1)}
-            xtr, xte, secs = embed(ds, b, **opts)
+            xtr, xte, secs = embed_splits(ds, b, num_workers=1, **opts)
             for norm in ("l2", "sqrt_l2"):
                 emit(row(f"{b}, {option}, {norm}", unimodal_aucs(xtr, ytr, xte, yte, normalize=norm), f"embedding {secs:.0f} s"))
     if args.out:

@@ -24,24 +24,18 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablation import unimodal_aucs  # noqa: E402
-from machine import header  # noqa: E402
+from common import embed_splits, header, unimodal_aucs  # noqa: E402
 
 from dn2 import runtime  # noqa: E402
 from dn2.bench import limit_dataset  # noqa: E402
-from dn2.cache import cached_embed  # noqa: E402
 from dn2.datasets import load_dataset  # noqa: E402
-from dn2.features import Embedder  # noqa: E402
 
 
 def embed(backbone: str, path: str, ds, use_cache: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
     """Train and test embeddings of ``ds`` by one runtime:precision path, and img/s (nan when cached)."""
-    runtime, precision = path.split(":")
-    emb = Embedder(backbone=backbone, runtime=runtime, precision=precision, num_workers=1, progress=False)
-    start = time.perf_counter()
-    xtr = cached_embed(emb, ds.train.source, use_cache=use_cache).vectors
-    xte = cached_embed(emb, ds.test.source, use_cache=use_cache).vectors
-    seconds = time.perf_counter() - start
+    runtime_name, precision = path.split(":")
+    xtr, xte, seconds = embed_splits(ds, backbone, use_cache=use_cache, runtime=runtime_name, precision=precision,
+                                     num_workers=1)
     rate = (len(xtr) + len(xte)) / seconds if seconds > 5 else float("nan")  # a cache hit takes < 5 s
     return xtr, xte, rate
 

@@ -20,11 +20,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import header  # noqa: E402
+from common import embed_splits, header  # noqa: E402
 
-from dn2.cache import cached_embed  # noqa: E402
 from dn2.datasets import load_dataset  # noqa: E402
-from dn2.features import Embedder  # noqa: E402
 from dn2.normalize import make_transform  # noqa: E402
 from dn2.search import knn_score, make_index, recall_at_k  # noqa: E402
 
@@ -39,8 +37,7 @@ def main() -> None:
     args = ap.parse_args()
     print(header("Approximate search on real embeddings"))
     ds = load_dataset(args.data)
-    emb = Embedder(backbone=args.backbone, runtime="torch", precision="fp32", num_workers=2, progress=False)
-    xtr_raw, xte_raw = cached_embed(emb, ds.train.source).vectors, cached_embed(emb, ds.test.source).vectors
+    xtr_raw, xte_raw, _ = embed_splits(ds, args.backbone, runtime="torch", precision="fp32", num_workers=2)
     print(f"- {args.backbone} PyTorch fp32 embeddings: {xtr_raw.shape[0]} train x {xtr_raw.shape[1]}, "
           f"{xte_raw.shape[0]} test queries, k = {args.k}\n")
     print("| features | index | fit s | search s | speed-up vs exact | recall@k | median rel. score diff | max rel. score diff |")

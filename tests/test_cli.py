@@ -29,14 +29,18 @@ def test_fit_then_score_flags_the_odd_images(image_folders, tmp_path, capsys):
     assert rows[0]["nearest_1"].startswith("n") and float(rows[0]["distance_2"]) >= float(rows[0]["distance_1"])
 
 
-def test_python_api_matches_the_cli_model(image_folders, tmp_path):
-    model = dn2.DN2(progress=False).fit(image_folders["normal"])
-    path = model.save(tmp_path / "m.dn2")
-    loaded = dn2.load(path)
+def test_python_api_matches_the_cli_model(image_folders, tmp_path, capsys):
+    """`dn2 fit` and `DN2().fit` with the same settings give the same model: same scores, threshold, backbone."""
+    cli_path = tmp_path / "cli.dn2"
+    assert main(["fit", str(image_folders["normal"]), "-o", str(cli_path), "--quiet", "--k", "3", "--fpr", "0.1"]) == 0
+    from_cli = dn2.load(cli_path)
+    model = dn2.DN2(k=3, fpr=0.1, progress=False).fit(image_folders["normal"])
+    from_api = dn2.load(model.save(tmp_path / "api.dn2"))
     test = image_folders["test"]
-    np.testing.assert_array_equal(loaded.anomaly_score(test), model.anomaly_score(test))
-    assert loaded.threshold_ == model.threshold_
-    assert loaded.embedder.identity() == model.embedder.identity()
+    np.testing.assert_array_equal(from_cli.anomaly_score(test), from_api.anomaly_score(test))
+    np.testing.assert_array_equal(from_api.anomaly_score(test), model.anomaly_score(test))
+    assert from_cli.threshold_ == model.threshold_ and from_cli.method_ == model.method_
+    assert from_cli.embedder.identity() == model.embedder.identity()
 
 
 def test_model_and_csv_are_never_overwritten_without_force(image_folders, tmp_path, capsys):
@@ -171,3 +175,33 @@ def test_csv_is_written_atomically_and_an_old_one_survives_a_failure(image_folde
                  "--weights", "random"]) == 2
     assert out.read_text() == "precious" and "disk full" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left behind
+
+
+def test_skipped_images_keep_their_place_in_the_api_and_the_csv(image_folders, tmp_path, capsys):
+    """A bad image among good ones: its score is NaN and its verdict 0 in Python, 'skipped' with the reason
+    in the CSV; every other score stays on its own image."""
+    model = dn2.DN2(backbone="efficientnet_lite0", weights="random", progress=False).fit(image_folders["normal"])
+    good = sorted(image_folders["test"].rglob("*.*"))
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    inputs = [good[0], bad, *good[1:]]
+    reference = model.anomaly_score(good)
+    model.set_params(skip_bad=True)
+    with pytest.warns(UserWarning, match="broken.png"):
+        scores = model.anomaly_score(inputs)
+    assert len(scores) == len(inputs) and np.isnan(scores[1])
+    np.testing.assert_allclose(np.delete(scores, 1), reference, rtol=1e-6)
+    with pytest.warns(UserWarning):
+        assert model.predict(inputs)[1] == 0
+    with pytest.warns(UserWarning):
+        assert model.nearest(inputs, n=2)[1] == []
+
+    path = model.save(tmp_path / "m.dn2")
+    out = tmp_path / "s.csv"
+    with pytest.warns(UserWarning):
+        code = main(["score", str(path), *map(str, inputs), "--csv", str(out), "--skip-bad", "--quiet"])
+    assert code == 1
+    rows = list(csv.DictReader(out.open()))
+    assert [r["image"] for r in rows][1].endswith("broken.png")
+    assert rows[1]["verdict"] == "skipped" and "not an image" in rows[1]["reason"]
+    assert all(r["verdict"] in ("normal", "anomaly") for i, r in enumerate(rows) if i != 1)

@@ -7,7 +7,6 @@ import gzip
 import os
 import pickle
 import struct
-import time
 import zipfile
 from pathlib import Path
 
@@ -518,14 +517,11 @@ def test_errors(tmp_path: Path) -> None:
 @pytest.mark.shared
 @pytest.mark.skipif(not SHARED_CIFAR10_ZIP.exists(), reason="needs ../shared/datasets/cifar10-jpeg.zip")
 def test_shared_cifar10_jpeg_zip() -> None:
-    start = time.perf_counter()
     ds = load_dataset(SHARED_CIFAR10_ZIP)
-    elapsed = time.perf_counter() - start
     assert ds.classes == CIFAR10_NAMES
     assert len(ds.train.source) == 50_000 and len(ds.test.source) == 10_000
     assert np.bincount(ds.train.labels).tolist() == [5_000] * 10
     assert np.bincount(ds.test.labels).tolist() == [1_000] * 10
-    assert elapsed < 5.0, f"listing took {elapsed:.1f} s"
     image = ds.test.source.load(0)
     assert image.mode == "RGB" and image.size == (32, 32)
     assert ds.test.source.name(0).startswith("test/airplane/")

@@ -51,21 +51,23 @@ def test_set_detector_finds_sets_that_mix_the_wrong_members():
     assert (det.predict([anomalous_set() for _ in range(5)]) == -1).all()
 
 
-def test_group_dn2_on_images(lite0):
+def test_group_dn2_on_images():
     from conftest import make_image
 
     normal_sets = [[make_image("stripes", 3 * s + j) for j in range(2)] for s in range(6)]
-    model = GroupDN2(pooling="mean", progress=False)
-    model.embedder_ = _embedder_with(lite0)
-    model.fit(normal_sets)
+    model = GroupDN2(backbone="efficientnet_lite0", pooling="mean", progress=False).fit(normal_sets)
     scores = model.anomaly_score([[make_image("stripes", 90), make_image("stripes", 91)],
                                   [make_image("blob", 92), make_image("blob", 93)]])
     assert scores[0] < scores[1]
 
 
-def _embedder_with(network):
-    from dn2 import Embedder
+def test_group_dn2_refits_with_the_backbone_set_after_construction():
+    """set_params(backbone=...) then fit must use the new backbone (it used to keep the first embedder)."""
+    from conftest import make_image
 
-    emb = Embedder(progress=False)
-    emb.network_ = network
-    return emb
+    sets = [[make_image("stripes", 3 * s + j, size=32) for j in range(2)] for s in range(4)]
+    model = GroupDN2(backbone="efficientnet_lite0", weights="random", progress=False).fit(sets)
+    lite0 = model.anomaly_score(sets[:1])
+    model.set_params(backbone="efficientnet_lite1").fit(sets)
+    assert model.embedder_.backbone == "efficientnet_lite1"
+    assert model.anomaly_score(sets[:1]) != lite0

@@ -80,7 +80,7 @@ def test_models_with_maps_get_heat_maps_in_records_service_and_report(image_fold
     assert maps_enabled(model)
     source = dn2.images.as_source(image_folders["test"])
     emb = model.embed(source)
-    records = report_records(model, source, emb.names, emb.vectors, explain=2)
+    records = report_records(model, source, emb, explain=2)
     assert all(r["heatmap"].startswith("data:image/png;base64,") for r in records)
 
     pytest.importorskip("fastapi")

@@ -261,7 +261,7 @@ def test_make_index_rejects_unknown_kind_and_params():
         make_index("annoy")
     with pytest.raises(ValueError, match="nprobe"):
         make_index("ivf", nprob=4)
-    with pytest.raises(ValueError, match=r"allowed: \['chunk_size', 'precision'\]"):
+    with pytest.raises(ValueError, match=r"known: \['chunk_size', 'precision'\]"):
         make_index("exact", block=4)
     with pytest.raises(ValueError, match="m=5 must divide"):
         make_index("ivfpq", m=5).fit(clustered(100))

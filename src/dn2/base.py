@@ -30,5 +30,7 @@ class ThresholdedScores:
         return self.score_samples(X) - self.offset_
 
     def predict(self, X: Any) -> np.ndarray:
-        """+1 for normal items, -1 for anomalies (anomaly score above ``threshold_``)."""
-        return np.where(self.decision_function(X) >= 0, 1, -1)
+        """+1 for normal items, -1 for anomalies (anomaly score above ``threshold_``), 0 for items that
+        could not be scored (an unreadable image skipped with ``skip_bad``: its score is NaN)."""
+        decision = self.decision_function(X)
+        return np.where(np.isnan(decision), 0, np.where(decision >= 0, 1, -1))

@@ -65,15 +65,24 @@ def _inputs(values: Sequence[str]) -> str | list[str]:
     return values[0] if len(values) == 1 else list(values)
 
 
-def _index_params(items: Sequence[str]) -> dict[str, int | str]:
+def _number_or_text(value: str) -> int | float | str:
+    """A command-line value as the int or float it spells, else the text itself."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _index_params(items: Sequence[str]) -> dict[str, int | float | str]:
     """['nprobe=32', 'precision=fp32'] -> {'nprobe': 32, 'precision': 'fp32'}; make_index checks the names."""
-    params: dict[str, int | str] = {}
+    params: dict[str, int | float | str] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip() or not value.strip():
             raise ValueError(f"--index-param takes KEY=VALUE, got {item!r}")
-        value = value.strip()
-        params[key.strip()] = int(value) if value.lstrip("-").isdigit() else value
+        params[key.strip()] = _number_or_text(value.strip())
     return params
 
 
@@ -125,9 +134,11 @@ def _write_csv(path: Path, rows: list[dict[str, str]], force: bool) -> None:
     """The score table as CSV, written atomically (a crash never leaves half a file or loses the old one)."""
     from .outputs import atomic_path
 
-    fields = list(rows[0]) if rows else ["image", "anomaly_score", "verdict"]
+    fields = ["image", "anomaly_score", "verdict"]
     for r in rows:
-        fields += [f for f in r if f not in fields]
+        fields += [f for f in r if f not in fields and f != "reason"]
+    if any("reason" in r for r in rows):
+        fields.append("reason")  # why an image was skipped
     with atomic_path(path, force=force, what="CSV file") as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=fields)
@@ -158,14 +169,14 @@ def cmd_score(args: argparse.Namespace) -> int:
     det = model.detector
     scores = det.anomaly_score(emb.vectors) if len(emb.vectors) else []
     neighbours = det.nearest(emb.vectors, args.explain) if args.explain and len(emb.vectors) else None
-    rows = []
-    for i, (name, score) in enumerate(zip(emb.names, scores)):
-        verdict = "anomaly" if score > det.threshold_ else "normal"
-        row = {"image": name, "anomaly_score": f"{score:.6f}", "verdict": verdict}
+    rows: list[dict[str, str]] = [{"image": name, "anomaly_score": "", "verdict": "skipped", "reason": emb.errors[i]}
+                                  if i in emb.errors else {} for i, name in enumerate(emb.input_names)]
+    for row_number, (position, name, score) in enumerate(zip(emb.positions, emb.names, scores)):
+        row = {"image": name, "anomaly_score": f"{score:.6f}", "verdict": "anomaly" if score > det.threshold_ else "normal"}
         if neighbours is not None:
-            for j, (nn_name, dist) in enumerate(neighbours[i], 1):
+            for j, (nn_name, dist) in enumerate(neighbours[row_number], 1):
                 row[f"nearest_{j}"], row[f"distance_{j}"] = nn_name, f"{dist:.6f}"
-        rows.append(row)
+        rows[position] = row
     width = max([len(r["image"]) for r in rows] + [5])
     print(f"{'image':<{width}}  anomaly_score  verdict  (threshold {det.threshold_:.4f})")
     for r in rows:
@@ -183,10 +194,9 @@ def cmd_score(args: argparse.Namespace) -> int:
         _write_csv(csv_path, rows, args.force)
         print(f"wrote {csv_path}")
     if args.report:
-        records = report_records(model, source, emb.names, emb.vectors, args.explain or REPORT_EXPLAIN)
+        records = report_records(model, source, emb, args.explain or REPORT_EXPLAIN)
         details = [f"model {args.model}: {model.method_.backbone}, k={det.k}, threshold {det.threshold_:.4f}, "
                    f"{len(det.memory_)} normal images in memory" + ("" if model.thumbnails_ else " (no thumbnails)")]
-        details += [f"skipped {message}" for message in emb.skipped]
         path = write_report(args.report, records, title=Path(args.model).name, details=details, force=args.force)
         print(f"wrote report {path}")
     return EXIT_SKIPPED if emb.skipped else EXIT_OK

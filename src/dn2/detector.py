@@ -43,7 +43,7 @@ from .modelfile import ModelFileError, read_model_file, write_model
 from .normalize import NORMALIZATIONS, EmbeddingTransform, make_transform, transform_from_state
 from .params import Constraint, InstanceOf, Interval, Options, Predicate, TupleOf, validate
 from .runtime import RUNTIMES, resolve_precision
-from .search import INDEX_KINDS, kmeans, knn_score, make_index
+from .search import INDEX_KINDS, kmeans, knn_score, make_index, restore_index
 from .settings import PRECISION_CHOICES, PRESETS, Method, method_for
 from .thumbnails import MAX_SIZE as MAX_THUMBNAIL, MIN_SIZE as MIN_THUMBNAIL, Thumbnails, thumbnails_of
 
@@ -211,10 +211,15 @@ class KNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
         self.threshold_ = float(np.quantile(reference, 1.0 - rate))
         self.offset_ = -self.threshold_
 
-    def _set_memory(self, memory: np.ndarray, names: list[str]) -> None:
+    def _set_memory(self, memory: np.ndarray, names: list[str], index_state: dict[str, np.ndarray] | None = None) -> None:
+        """Keep the searched embeddings and index them; with the saved ``index_state`` the index is
+        rebuilt as it was (an IVF without re-running k-means) instead of fitted anew."""
         self.memory_ = np.ascontiguousarray(memory, dtype=np.float32)
         self.memory_names_ = names
-        self.index_ = self._new_index().fit(self.memory_)
+        if index_state:
+            self.index_ = restore_index(self.index, self.memory_, self.index_params or {}, index_state)
+        else:
+            self.index_ = self._new_index().fit(self.memory_)
 
     def _training_scores(self, X: np.ndarray, kept: np.ndarray) -> np.ndarray:
         """Score of every training item: leave-one-out for items in memory, plain search otherwise."""
@@ -276,6 +281,7 @@ class KNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
         }
         tensors = {"memory": self.memory_, "train_scores": self.train_scores_, "kept": self.kept_}
         tensors.update({f"normalize/{key}": value for key, value in self.normalizer_.state().items()})
+        tensors.update({f"index/{key}": value for key, value in self.index_.state().items()})
         return header, tensors
 
     @classmethod
@@ -323,7 +329,8 @@ class KNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
             raise ValueError(f"the {det.normalize!r} transform's state does not fit {n_features} features ({e})") from None
         if probe.shape != (1, n_features):
             raise ValueError(f"the {det.normalize!r} transform's state does not fit {n_features} features")
-        det._set_memory(memory, list(names))
+        index_state = {key.split("/", 1)[1]: value for key, value in tensors.items() if key.startswith("index/")}
+        det._set_memory(memory, list(names), index_state)
         det.n_features_in_ = n_features
         det.kept_ = kept
         det.train_scores_ = train_scores
@@ -495,7 +502,7 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         self.detector_.fit(train.vectors, names=train.names)
         self.skipped_ = train.skipped
         # thumbnails_: dn2.thumbnails.Thumbnails of the memory images (row i = memory row i), or None
-        self.thumbnails_ = (thumbnails_of(source, train.names, self.detector_.kept_, self.thumbnails)
+        self.thumbnails_ = (thumbnails_of(source, train.positions[self.detector_.kept_], self.thumbnails)
                             if self.thumbnails else None)
         return self
 
@@ -536,8 +543,13 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         return self.embedder.embed(X)
 
     def anomaly_score(self, X: Any) -> np.ndarray:
-        """The paper's d(y) per image: mean distance to the k nearest normal training images."""
-        return self.detector.anomaly_score(self.embedder.transform(X))
+        """The paper's d(y) per image: mean distance to the k nearest normal training images.
+
+        One score per input, in input order; an image skipped as unreadable (``skip_bad=True``)
+        gets NaN (and ``predict`` gives it 0), so scores never shift onto the wrong images.
+        """
+        emb = self.embed(X)
+        return emb.aligned(self.detector.anomaly_score(emb.vectors) if len(emb.vectors) else np.empty(0))
 
     @available_if(_novelty_off)
     def fit_predict(self, X: Any, y: Any = None) -> np.ndarray:
@@ -546,8 +558,14 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         return np.where(self.detector.train_scores_ <= self.threshold_, 1, -1)
 
     def nearest(self, X: Any, n: int = 3) -> Neighbours:
-        """The ``n`` nearest normal training images (name, distance) per image, as an explanation."""
-        return self.detector.nearest(self.embedder.transform(X), n)
+        """The ``n`` nearest normal training images (name, distance) per image, as an explanation
+        (an empty list for an image skipped as unreadable)."""
+        emb = self.embed(X)
+        found = self.detector.nearest(emb.vectors, n) if len(emb.vectors) else []
+        out: Neighbours = [[] for _ in range(emb.n_inputs)]
+        for position, row in zip(emb.positions, found):
+            out[position] = row
+        return out
 
     def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
         """Write the model (method, embeddings, names, threshold, backbone identity) to a safe model file.

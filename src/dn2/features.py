@@ -23,11 +23,10 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
 from sklearn.base import BaseEstimator, TransformerMixin
 from torch.utils.data import DataLoader, Dataset
@@ -40,20 +39,40 @@ from .runtime import get_runner, resolve_precision, resolve_runtime  # resolve_p
 
 logger = logging.getLogger(__name__)
 
-_INTERPOLATION = {
-    "bilinear": TF.InterpolationMode.BILINEAR,
-    "bicubic": TF.InterpolationMode.BICUBIC,
-    "nearest": TF.InterpolationMode.NEAREST,
-}
-
 
 @dataclass
 class Embeddings:
-    """Embeddings of the images that could be read, their names, and the files skipped as bad."""
+    """Embeddings of the images that could be read, their names, and the files skipped as bad.
+
+    ``vectors`` and ``names`` hold the readable images only; ``positions[i]`` is the place of row ``i``
+    in the input, so outputs can be aligned with the inputs (:meth:`aligned`); ``input_names`` names
+    every input, ``errors`` maps the position of each skipped input to why it was skipped.
+    """
 
     vectors: np.ndarray
     names: list[str]
     skipped: list[str] = field(default_factory=list)
+    positions: np.ndarray | None = None
+    input_names: list[str] | None = None
+    errors: dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.positions is None:
+            self.positions = np.arange(len(self.vectors))
+        if self.input_names is None:
+            self.input_names = list(self.names)
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.input_names)
+
+    def aligned(self, values: np.ndarray | None = None, fill: float = np.nan) -> np.ndarray:
+        """``values`` (one row per readable image; default the embeddings) placed at their input positions,
+        ``fill`` (NaN) in the rows of skipped inputs: outputs that line up with what was passed in."""
+        values = self.vectors if values is None else np.asarray(values)
+        out = np.full((self.n_inputs, *values.shape[1:]), fill, dtype=np.result_type(values.dtype, np.float32))
+        out[self.positions] = values
+        return out
 
 
 def preprocess(image: Image.Image, pre: Preprocessing) -> torch.Tensor:
@@ -165,7 +184,7 @@ def _batches(source: ImageSource, pre: Preprocessing, batch_size: int, num_worke
 
 
 def extract(
-    backbone: Backbone,
+    backbone: Backbone | Sequence[Backbone],
     images: Any,
     *,
     batch_size: int | None = None,
@@ -178,6 +197,10 @@ def extract(
 ) -> Embeddings:
     """Embed every image of ``images`` (anything :func:`dn2.images.as_source` accepts).
 
+    ``backbone`` may be several networks (an ensemble): each image's embedding is then the
+    concatenation of theirs, in order. Networks with the same preprocessing share one decoding
+    pass (each batch of crops goes through every runner), so an ensemble decodes each image once.
+
     ``flip`` is horizontal-flip test-time augmentation: the embedding is the mean of the
     embeddings of the image and of its mirror image (twice the compute). Averaging the features
     of flipped copies is the classic cheap TTA for CNN descriptors (Simonyan & Zisserman 2015,
@@ -185,7 +208,8 @@ def extract(
     the details") and is applied identically to training and test images.
 
     A bad image raises :class:`BadImageError` naming it, or with ``skip_bad`` is warned about,
-    left out of the result and listed in ``Embeddings.skipped``.
+    left out of ``vectors`` and listed in ``Embeddings.skipped`` / ``errors`` (``positions`` keeps
+    the readable images' places in the input).
 
     ``runtime`` is "openvino", "torch", "onnx" (ONNX Runtime, fp32 only) or "auto" (OpenVINO when
     installed; see :mod:`dn2.runtime`); a failed conversion falls back to torch with a warning.
@@ -193,40 +217,58 @@ def extract(
     early high-resolution layers in fp32 (:data:`dn2.runtime.BF16_FP32_PARTS`).
     ``batch_size=None`` uses the runner's measured best. ``backbone`` itself is left unchanged.
     """
+    networks = [backbone] if isinstance(backbone, Backbone) else list(backbone)
+    if not networks:
+        raise ValueError("extract needs at least one backbone")
     source = as_source(images)
-    pre = backbone.config.preprocessing
-    runner = get_runner(backbone, runtime, precision)
     n = len(source)
-    workers = default_num_workers(n) if num_workers is None else num_workers
-    vectors = np.empty((n, backbone.config.feature_dim), dtype=np.float32)
     ok = np.ones(n, dtype=bool)
-    skipped: list[str] = []
+    errors: dict[int, str] = {}
+    parts: list[np.ndarray | None] = [None] * len(networks)
+    groups: dict[Preprocessing, list[int]] = {}
+    for j, net in enumerate(networks):
+        groups.setdefault(net.config.preprocessing, []).append(j)
+    workers = default_num_workers(n) if num_workers is None else num_workers
     tune_malloc()
-    batch_size = batch_size or runner.default_batch_size
-    bar = tqdm(total=n, unit="img", desc="embedding", disable=not progress, file=sys.stderr)
-    with torch.inference_mode():
-        for crops, index, errors in _batches(source, pre, batch_size, workers):
-            for i, message in zip(index.tolist(), errors):
-                if message:
-                    if not skip_bad:
-                        raise BadImageError(message)
-                    warnings.warn(f"skipping {message}", stacklevel=2)
-                    ok[i] = False
-                    skipped.append(message)
-            if runner.uint8_input:  # the runner normalises inside its graph
-                batch = crops
-            else:
-                batch = normalize(crops, pre).contiguous(memory_format=runner.input_memory_format)
-            out = runner(batch)
-            if flip:
-                out = (out + runner(torch.flip(batch, dims=[3]))) / 2
-            vectors[index.numpy()] = out.numpy()
-            bar.update(len(index))
-    bar.close()
-    if skipped:
-        logger.info("skipped %d bad image(s) of %d", len(skipped), n)
+    for pre, members in groups.items():
+        runners = [get_runner(networks[j], runtime, precision) for j in members]
+        outputs = [np.empty((n, networks[j].config.feature_dim), dtype=np.float32) for j in members]
+        size = batch_size or min(r.default_batch_size for r in runners)
+        bar = tqdm(total=n, unit="img", desc="embedding", disable=not progress, file=sys.stderr)
+        with torch.inference_mode():
+            for crops, index, messages in _batches(source, pre, size, workers):
+                for i, message in zip(index.tolist(), messages):
+                    if message and i not in errors:
+                        if not skip_bad:
+                            raise BadImageError(message)
+                        warnings.warn(f"skipping {message}", stacklevel=2)
+                        ok[i] = False
+                        errors[i] = message
+                for runner, out in zip(runners, outputs):
+                    out[index.numpy()] = _run(runner, crops, pre, flip)
+                bar.update(len(index))
+        bar.close()
+        for j, out in zip(members, outputs):
+            parts[j] = out
+    if errors:
+        logger.info("skipped %d bad image(s) of %d", len(errors), n)
+    vectors = parts[0] if len(parts) == 1 else np.hstack(parts)  # type: ignore[arg-type]
     names = source.names()
-    return Embeddings(vectors[ok], [nm for nm, good in zip(names, ok) if good], skipped)
+    positions = np.flatnonzero(ok)
+    return Embeddings(np.ascontiguousarray(vectors[ok], dtype=np.float32), [names[i] for i in positions],
+                      [errors[i] for i in sorted(errors)], positions, names, {i: errors[i] for i in sorted(errors)})
+
+
+def _run(runner: Any, crops: torch.Tensor, pre: Preprocessing, flip: bool) -> np.ndarray:
+    """One batch of uint8 crops through a runner (normalised first unless the runner does it in its graph)."""
+    if runner.uint8_input:
+        batch = crops
+    else:
+        batch = normalize(crops, pre).contiguous(memory_format=runner.input_memory_format)
+    out = runner(batch)
+    if flip:
+        out = (out + runner(torch.flip(batch, dims=[3]))) / 2
+    return out.numpy()
 
 
 def backbone_names(backbone: str) -> list[str]:
@@ -299,29 +341,22 @@ class Embedder(TransformerMixin, BaseEstimator):
 
     def embed(self, X: Any) -> Embeddings:
         """Embeddings with the names of the images, and the bad ones skipped (with skip_bad)."""
-        source = as_source(X)
-        parts = [
-            extract(
-                network,
-                source,
-                batch_size=self.batch_size,
-                num_workers=self.num_workers,
-                precision=self.precision,
-                progress=self.progress,
-                skip_bad=self.skip_bad,
-                flip=bool(self.flip),
-                runtime=self.runtime,
-            )
-            for network in self._networks()
-        ]
-        if len(parts) == 1:
-            return parts[0]
-        vectors = np.hstack([p.vectors for p in parts]).astype(np.float32, copy=False)
-        return Embeddings(vectors, parts[0].names, parts[0].skipped)
+        return extract(
+            self._networks(),
+            as_source(X),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            precision=self.precision,
+            progress=self.progress,
+            skip_bad=self.skip_bad,
+            flip=bool(self.flip),
+            runtime=self.runtime,
+        )
 
     def transform(self, X: Any) -> np.ndarray:
-        """(N, D) float32 embeddings; with skip_bad, rows of unreadable images are left out."""
-        return self.embed(X).vectors
+        """(N, D) float32 embeddings, one row per input; with skip_bad, an unreadable image's row is NaN."""
+        emb = self.embed(X)
+        return emb.vectors if not emb.errors else emb.aligned()
 
     def identity(self) -> dict[str, Any]:
         """What makes embeddings comparable: backbone name, weights hash, preprocessing, dimension.

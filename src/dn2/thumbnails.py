@@ -27,7 +27,7 @@ from PIL import Image
 
 from .images import ImageSource
 
-__all__ = ["MAX_SIZE", "MIN_SIZE", "Thumbnails", "embedded_positions", "make_thumbnail", "pack", "thumbnails_of"]
+__all__ = ["MAX_SIZE", "MIN_SIZE", "Thumbnails", "make_thumbnail", "pack", "thumbnails_of"]
 
 MIN_SIZE, MAX_SIZE = 16, 512  # long side in pixels: below 16 nothing is recognisable, above 512 files swell
 FORMAT, MEDIA_TYPE, SIGNATURE = "JPEG", "image/jpeg", b"\xff\xd8\xff"
@@ -108,30 +108,12 @@ def pack(images: Sequence[bytes], size: int) -> Thumbnails:
     return Thumbnails(size, data, offsets)
 
 
-def embedded_positions(source_names: Sequence[str], embedded_names: Sequence[str]) -> list[int]:
-    """Source index of each embedded image: the embedded names are the source's, minus skipped ones, in order.
+def thumbnails_of(source: ImageSource, positions: Sequence[int], size: int) -> Thumbnails:
+    """Thumbnails of the images at ``positions`` of ``source`` (e.g. the inputs of a detector's kept rows).
 
-    Example:
-        >>> embedded_positions(["a", "bad", "c"], ["a", "c"])
-        [0, 2]
-    """
-    positions: list[int] = []
-    for i, name in enumerate(source_names):
-        if len(positions) < len(embedded_names) and name == embedded_names[len(positions)]:
-            positions.append(i)
-    if len(positions) != len(embedded_names):
-        raise ValueError("the embedded images are not the source's images in order; cannot make thumbnails")
-    return positions
-
-
-def thumbnails_of(source: ImageSource, embedded_names: Sequence[str], rows: Sequence[int], size: int) -> Thumbnails:
-    """Thumbnails of the embedded images ``rows`` (e.g. a detector's ``kept_``) of ``source``.
-
-    ``embedded_names`` are the names of the images that were embedded (the source's, less the ones
-    skipped as bad), so row ``r`` is ``source[positions[r]]``. Images are decoded again, JPEGs at a
-    reduced scale (``max_side``), so this costs a fraction of the embedding.
+    The images are decoded again, JPEGs at a reduced scale (``max_side``), so this costs a fraction
+    of the embedding.
     """
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise ValueError(f"thumbnails must be {MIN_SIZE} to {MAX_SIZE} px, got {size}")
-    positions = embedded_positions(source.names(), embedded_names)
-    return pack([make_thumbnail(source.load(positions[r], max_side=size), size) for r in rows], size)
+    return pack([make_thumbnail(source.load(int(p), max_side=size), size) for p in positions], size)

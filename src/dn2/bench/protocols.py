@@ -30,13 +30,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-import torch
 from sklearn.metrics import roc_auc_score
 
 from ..config import working_memory_bytes
 from ..detector import clean_training_set
 from ..group import SetDetector, covariance_trace
-from ..search import kmeans, knn, knn_score
+from ..search import kmeans, knn, knn_score, pairwise_distances
 from .data import BenchData, paper_numbers
 from .report import Plot, Table
 
@@ -80,17 +79,6 @@ def _mean_of_k_smallest(dist: np.ndarray, k: int) -> np.ndarray:
     if k < dist.shape[1]:
         dist = np.partition(dist, k - 1, axis=1)[:, :k]
     return knn_score(dist)
-
-
-def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Full Euclidean distance block (len(a), len(b)), float32, expanded around b's mean for accuracy."""
-    ta, tb = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)), torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32))
-    with torch.inference_mode():
-        centre = tb.mean(dim=0, dtype=torch.float64).to(torch.float32)
-        ta, tb = ta - centre, tb - centre
-        d2 = (ta @ tb.T).mul_(-2.0)
-        d2.add_(ta.square().sum(1)[:, None]).add_(tb.square().sum(1)[None, :]).clamp_(min=0.0)
-        return d2.sqrt_().numpy()
 
 
 def _test_chunks(n_test: int, n_cols: int) -> Iterator[slice]:
@@ -211,7 +199,7 @@ def fewshot(data: BenchData, k: int = 2, shots: Sequence[int | None] = SHOTS, se
         scores = {key: np.empty(len(data.x_test)) for key in draws}
         all_scores = np.empty(len(data.x_test))
         for rows in _test_chunks(len(data.x_test), len(train)):
-            block = _distances(data.x_test[rows], train)
+            block = pairwise_distances(data.x_test[rows], train)
             for (n, s), idx in draws.items():
                 scores[(n, s)][rows] = _mean_of_k_smallest(block[:, idx], min(k, n))
             all_scores[rows] = _mean_of_k_smallest(block, min(k, len(train)))
@@ -290,16 +278,16 @@ def impurity(data: BenchData, k: int = 2, fractions: Sequence[float] = IMPURITY_
         others = np.flatnonzero(data.y_train != c)
         n = len(normal)
         pool_size = min(len(others), int(np.ceil(max(fractions) * n)))
-        normal_normal = _distances(normal, normal)
+        normal_normal = pairwise_distances(normal, normal)
         draws = []  # per seed: the pool (indices into x_train) and the training set (indices into normal + pool) per case
         for s in range(seeds):
             rng = np.random.default_rng([s, c])
             perm, pool = rng.permutation(n), rng.choice(others, pool_size, replace=False)
             union = np.empty((n + pool_size, n + pool_size), dtype=np.float32)
             union[:n, :n] = normal_normal
-            union[:n, n:] = _distances(normal, data.x_train[pool])
+            union[:n, n:] = pairwise_distances(normal, data.x_train[pool])
             union[n:, :n] = union[:n, n:].T
-            union[n:, n:] = _distances(data.x_train[pool], data.x_train[pool])
+            union[n:, n:] = pairwise_distances(data.x_train[pool], data.x_train[pool])
             np.fill_diagonal(union, np.inf)
             candidates = _candidates(union, n_candidates)
             cases = {}
@@ -312,9 +300,9 @@ def impurity(data: BenchData, k: int = 2, fractions: Sequence[float] = IMPURITY_
             del union
         scores = {(s, case): np.empty(len(data.x_test)) for s in range(seeds) for case in auc}
         for rows in _test_chunks(len(data.x_test), n + pool_size):
-            to_normal = _distances(data.x_test[rows], normal)
+            to_normal = pairwise_distances(data.x_test[rows], normal)
             for s, (pool, cases) in enumerate(draws):
-                block = np.hstack([to_normal, _distances(data.x_test[rows], data.x_train[pool])])
+                block = np.hstack([to_normal, pairwise_distances(data.x_test[rows], data.x_train[pool])])
                 candidates = _candidates(block, n_candidates)
                 for case, train in cases.items():
                     members = np.zeros(block.shape[1], dtype=bool)

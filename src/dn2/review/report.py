@@ -25,11 +25,12 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..features import Embeddings
 from ..images import ImageSource
 from ..outputs import atomic_path, check_output_path
-from ..thumbnails import embedded_positions, make_thumbnail
+from ..thumbnails import make_thumbnail
 from .assets import asset
-from .results import anomaly_maps, data_url, judge, overlay_url, record
+from .results import anomaly_maps, data_url, error_record, judge, overlay_url, record
 
 __all__ = ["QUERY_SIZE", "REPORT_FILE", "report_html", "report_records", "report_target", "write_report"]
 
@@ -103,12 +104,12 @@ def write_report(folder: str | os.PathLike, records: Sequence[dict[str, Any]], *
     return path
 
 
-def report_records(model: Any, source: ImageSource, names: Sequence[str], vectors: Any, explain: int) -> list[dict[str, Any]]:
-    """Verdict records of the embedded images (``names``, ``vectors`` of ``source``) with everything inline.
+def report_records(model: Any, source: ImageSource, embeddings: Embeddings, explain: int) -> list[dict[str, Any]]:
+    """Verdict records of every input of ``source`` (``embeddings`` of it), with everything inline.
 
-    Each record carries ``image`` (the scored image, long side 256 px), its nearest normals with
-    the model's thumbnails (when it has them) and its heat map (when it makes maps), all as data URLs.
-    The images are read again from ``source``, one at a time.
+    Each scored image's record carries ``image`` (the image, long side 256 px), its nearest normals
+    with the model's thumbnails (when it has them) and its heat map (when it makes maps), all as
+    data URLs; a skipped input's record says why. The images are read again, one at a time.
     """
     detector = model.detector
     thumbs = getattr(model, "thumbnails_", None)
@@ -116,13 +117,19 @@ def report_records(model: Any, source: ImageSource, names: Sequence[str], vector
     def thumbnail(row: int) -> str | None:
         return data_url(thumbs[row], thumbs.media_type) if thumbs is not None else None
 
-    verdicts = judge(detector, vectors, explain)
+    verdicts = judge(detector, embeddings.vectors, explain)
+    by_position = {int(p): i for i, p in enumerate(embeddings.positions)}
+    names = embeddings.input_names or source.names()
     out = []
-    for i, position in enumerate(embedded_positions(source.names(), names)):
+    for position, name in enumerate(names):
+        if position not in by_position:
+            out.append(error_record(name, embeddings.errors.get(position, "not scored")))
+            continue
+        i = by_position[position]
         image = source.load(position)
         amaps = anomaly_maps(model, [image])
         heatmap = overlay_url(model, image, amaps[0]) if amaps else None
-        rec = record(names[i], verdicts, i, detector, thumbnail=thumbnail, heatmap=heatmap)
+        rec = record(embeddings.names[i], verdicts, i, detector, thumbnail=thumbnail, heatmap=heatmap)
         rec["image"] = data_url(make_thumbnail(image, QUERY_SIZE), "image/jpeg")
         out.append(rec)
     return out

@@ -25,7 +25,7 @@ Example:
 
 from .base import Index, Param, ParameterError, check_params
 from .cluster import kmeans
-from .exact import ExactIndex, knn, screening_precision
+from .exact import ExactIndex, knn, pairwise_distances, screening_precision
 from .faiss_index import FaissIndex
 from .ivf import IvfIndex, default_nlist
 from .kernels import SCREENING_PRECISIONS
@@ -35,5 +35,5 @@ from .scores import knn_score, recall_at_k
 __all__ = [
     "INDEX_KINDS", "REGISTRY", "SCREENING_PRECISIONS", "ExactIndex", "FaissIndex", "Index", "IndexKind", "IvfIndex",
     "Param", "ParameterError", "check_params", "default_nlist", "kmeans", "knn", "knn_score", "make_index",
-    "recall_at_k", "restore_index", "screening_precision",
+    "pairwise_distances", "recall_at_k", "restore_index", "screening_precision",
 ]

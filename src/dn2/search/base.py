@@ -13,7 +13,7 @@ Example:
     >>> check_params("ivf", spec, {"nprobe": 0})
     Traceback (most recent call last):
     ...
-    dn2.search.base.ParameterError: ivf: nprobe must be a positive integer, got 0
+    dn2.search.base.ParameterError: index 'ivf': nprobe must be an int in [1, inf), got 0
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..params import Constraint, InstanceOf, Interval, Options, validate
 from .kernels import check_k
 
 __all__ = ["Index", "Param", "ParameterError", "check_params", "leave_one_out"]
@@ -77,11 +78,11 @@ class ParameterError(ValueError, TypeError):
 
 @dataclass(frozen=True)
 class Param:
-    """Declarative constraint on one index parameter: its type, range or options, and whether None is allowed.
+    """One index parameter: its type, range or options, whether None is allowed, and what it does.
 
-    `kind` is int, float or str; for int and float, `low` / `high` bound the value (inclusive). Strings
-    holding a number are accepted for numeric parameters (as given on a command line). `allow_none` allows None
-    (meaning "a default that depends on the data").
+    `kind` is int, float or str; for int and float, `low` / `high` bound the value (inclusive).
+    `allow_none` allows None (meaning "a default that depends on the data"). The check itself is
+    dn2's one declarative validator (:mod:`dn2.params`); this class adds the documentation.
     """
 
     kind: type = int
@@ -91,56 +92,33 @@ class Param:
     allow_none: bool = False
     doc: str = ""
 
-    def check(self, index_kind: str, name: str, value: Any) -> Any:
-        """The value, converted if it was a numeric string; ParameterError if it breaks the constraint."""
-        if value is None and self.allow_none:
-            return None
+    def constraints(self) -> list[Constraint | None]:
+        """The :mod:`dn2.params` constraints of this parameter."""
         if self.options is not None:
-            if value not in self.options:
-                raise ParameterError(f"{index_kind}: {name} must be one of {self.options}, got {value!r}")
-            return value
-        if isinstance(value, str) and self.kind in (int, float):
-            try:
-                value = self.kind(value)
-            except ValueError:
-                pass
-        if self.kind is int:
-            ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-        elif self.kind is float:
-            ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+            rule: Constraint = Options(self.options)
+        elif self.kind in (int, float):
+            rule = Interval(self.kind, self.low, self.high)
         else:
-            ok = isinstance(value, self.kind)
-        if ok and self.kind in (int, float):
-            ok = (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
-        if not ok:
-            raise ParameterError(f"{index_kind}: {name} must be {self.describe()}, got {value!r}")
-        return int(value) if self.kind is int else float(value) if self.kind is float else value
+            rule = InstanceOf(self.kind)
+        return [rule, None] if self.allow_none else [rule]
 
     def describe(self) -> str:
-        """The constraint in words, e.g. 'a positive integer' or 'a number between 1 and 16'."""
-        noun = {int: "an integer", float: "a number"}.get(self.kind, f"a {self.kind.__name__}")
-        if self.kind is int and self.low == 1 and self.high is None:
-            text = "a positive integer"
-        elif self.low is not None and self.high is not None:
-            text = f"{noun} between {self.low:g} and {self.high:g}"
-        elif self.low is not None:
-            text = f"{noun} >= {self.low:g}"
-        elif self.high is not None:
-            text = f"{noun} <= {self.high:g}"
-        else:
-            text = noun
-        return text + (" or None" if self.allow_none else "")
+        """The constraint in words, e.g. 'an int in [1, inf)'."""
+        rules = self.constraints()
+        return rules[0].describe() + (" or None" if self.allow_none else "")  # type: ignore[union-attr]
 
 
 def check_params(index_kind: str, spec: Mapping[str, Param], params: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate `params` against `spec` (unknown names, types, ranges, options); returns them checked.
+    """Validate `params` against `spec` (unknown names, types, ranges, options); returns them with numpy
+    scalars made plain Python numbers (they end up in model files' JSON).
 
     Raises :class:`ParameterError` naming the index kind, the parameter and what is allowed.
     """
-    unknown = set(params) - set(spec)
-    if unknown:
-        raise ParameterError(f"unknown parameters for {index_kind!r}: {sorted(unknown)}; allowed: {sorted(spec)}")
-    return {name: spec[name].check(index_kind, name, value) for name, value in params.items()}
+    try:
+        validate(f"index {index_kind!r}", params, {name: p.constraints() for name, p in spec.items()})
+    except ValueError as e:
+        raise ParameterError(str(e)) from None
+    return {name: value.item() if isinstance(value, np.generic) else value for name, value in params.items()}
 
 
 def leave_one_out(index: Index, X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

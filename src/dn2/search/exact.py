@@ -54,7 +54,7 @@ from .kernels import (
     to_torch,
 )
 
-__all__ = ["ExactIndex", "knn", "screening_precision"]
+__all__ = ["ExactIndex", "knn", "pairwise_distances", "screening_precision"]
 
 QUERY_CHUNK = 2048  # default queries per chunk: each pass over the train rows serves this many (compute bound)
 TRAIN_BLOCK_BYTES = 32 * 2**20  # train rows per block, in the matmul's dtype: ~ an L3 cache (see _tile_rows)
@@ -356,3 +356,23 @@ class ExactIndex:
         if state:
             raise ValueError(f"an exact index has no state, got arrays {sorted(state)}")
         return self.fit(X)
+
+
+@torch.inference_mode()
+def pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The full Euclidean distance block (len(a), len(b)), float32, for callers that need every distance
+    (the benchmark protocols score many training subsets from one block). Expanded around ``b``'s mean,
+    as :func:`knn` does, so deep features' large shared component cancels before the products.
+
+    Example:
+        >>> pairwise_distances(np.array([[0.0, 0.0]]), np.array([[3.0, 4.0], [0.0, 1.0]])).round(4).tolist()
+        [[5.0, 1.0]]
+    """
+    ta, tb = to_torch(as_matrix(a, "a")), to_torch(as_matrix(b, "b"))
+    if ta.shape[1] != tb.shape[1]:
+        raise ValueError(f"a has {ta.shape[1]} features but b has {tb.shape[1]}")
+    centre = tb.mean(dim=0, dtype=torch.float64).to(torch.float32)
+    ta, tb = ta - centre, tb - centre
+    d2 = (ta @ tb.T).mul_(-2.0)
+    d2.add_(ta.square().sum(1)[:, None]).add_(tb.square().sum(1)[None, :]).clamp_(min=0.0)
+    return d2.sqrt_().numpy()

@@ -60,7 +60,7 @@ def make_index(kind: str = "exact", **params: Any) -> Index:
         >>> make_index("ivf", nprobe=0)
         Traceback (most recent call last):
         ...
-        dn2.search.base.ParameterError: ivf: nprobe must be a positive integer, got 0
+        dn2.search.base.ParameterError: index 'ivf': nprobe must be an int in [1, inf), got 0
     """
     entry = REGISTRY.get(kind) if isinstance(kind, str) else None
     if entry is None:
