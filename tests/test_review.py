@@ -102,11 +102,16 @@ def test_score_report_shows_sorted_verdicts_thumbnails_and_refuses_to_overwrite(
     model = tmp_path / "m.dn2"
     assert main(["fit", str(image_folders["normal"]), "-o", str(model), "--preset", "paper", "--thumbnails", "48", "--quiet"]) == 0
     report = tmp_path / "review"
-    assert main(["score", str(model), str(image_folders["test"]), "--report", str(report), "--quiet"]) == 0
+    (image_folders["test"] / "broken.png").write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match="broken.png"):
+        code = main(["score", str(model), str(image_folders["test"]), "--report", str(report), "--quiet", "--skip-bad"])
+    assert code == 1  # done, one input skipped
     assert f"wrote report {report / 'index.html'}" in capsys.readouterr().out
+    (image_folders["test"] / "broken.png").unlink()
     page = (report / "index.html").read_text()
     data = json.loads(re.search(r'<script type="application/json" id="dn2-data">(.*?)</script>', page, re.S).group(1))
-    results = data["results"]
+    results, skipped = data["results"][:-1], data["results"][-1]
+    assert skipped["name"] == "broken.png" and "not an image" in skipped["error"]  # listed last, with the reason
     scores = [r["anomaly_score"] for r in results]
     assert scores == sorted(scores, reverse=True)  # most anomalous first
     assert [r["verdict"] for r in results[:3]] == ["anomaly"] * 3 and {r["name"][:3] for r in results[:3]} == {"bad"}
