@@ -220,7 +220,7 @@ def create_app(models: dict[str, ServedModel] | Sequence[str | os.PathLike], *,
                                          "the server is busy", headers={"Retry-After": "1"}) from None
         metrics.images(served.name, scored=len(images), refused=len(decoded) - len(images))
         root = request.scope.get("root_path", "")
-        thumbs = served.model.thumbnails_ if getattr(served.model, "thumbnails_", None) is not None else None
+        thumbs = getattr(served.model, "thumbnails_", None)
 
         def thumbnail(row: int) -> str | None:
             return f"{root}/v1/thumbnails/{quote(served.name)}/{row}" if thumbs is not None else None
