@@ -1,8 +1,9 @@
-"""The ``dn2`` command: fit, score, demo, backbones, bench (the paper's protocols, :mod:`dn2.bench`).
+"""The ``dn2`` command: fit, score, serve, demo, backbones, bench (the paper's protocols, :mod:`dn2.bench`).
 
 Examples:
     dn2 fit normal_images/ -o parts.dn2
     dn2 score parts.dn2 new_images/ --csv scores.csv --explain 3
+    dn2 serve parts.dn2
     dn2 demo
     dn2 backbones
 """
@@ -33,6 +34,7 @@ from .normalize import NORMALIZATIONS, STATELESS_NORMALIZATIONS
 EXPECTED_ERRORS = (BadImageError, ModelFileError, BackboneWeightsError, ValueError, TypeError, OSError)
 
 EXIT_OK, EXIT_SKIPPED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+REPORT_EXPLAIN = 3  # nearest normals shown per image in a --report when --explain is not given
 EXIT_CODES = """exit codes: 0 done; 1 done, but some input images were skipped (--skip-bad; listed in the output
 and the CSV); 2 error, nothing written; 130 interrupted"""
 
@@ -112,6 +114,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         runtime=args.runtime,
         progress=not args.quiet,
         skip_bad=args.skip_bad,
+        thumbnails=args.thumbnails,
     )
     model.check_params()
     source = as_source(_inputs(args.images))
@@ -148,7 +151,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .images import as_source
     from .outputs import check_output_path
 
+    from .review import report_records, report_target, write_report
+
     csv_path = check_output_path(args.csv, force=args.force, what="CSV file") if args.csv else None
+    if args.report:
+        report_target(args.report, force=args.force)
     if args.explain < 0:
         raise ValueError(f"--explain takes a number of neighbours >= 0, got {args.explain}")
     model = load(args.model, weights=args.weights, allow_download=args.allow_download, progress=not args.quiet,
@@ -186,6 +193,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     if csv_path is not None:
         _write_csv(csv_path, rows, args.force)
         print(f"wrote {csv_path}")
+    if args.report:
+        records = report_records(model, source, emb, args.explain or REPORT_EXPLAIN)
+        details = [f"model {args.model}: {model.method_.backbone}, k={det.k}, threshold {det.threshold_:.4f}, "
+                   f"{len(det.memory_)} normal images in memory" + ("" if model.thumbnails_ else " (no thumbnails)")]
+        path = write_report(args.report, records, title=Path(args.model).name, details=details, force=args.force)
+        print(f"wrote report {path}")
     return EXIT_SKIPPED if emb.skipped else EXIT_OK
 
 
@@ -202,6 +215,93 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     print("also: timm:<model name> for any timm model (weights from timm's hub, or --weights FILE)")
     print("weights 'offline' ship in a PyPI package; 'download' need internet once, or --weights FILE")
     return 0
+
+
+# ----------------------------------------------------------------------------------------- serve
+
+SERVE_EXTRA_MODULES = ("fastapi", "uvicorn", "python_multipart", "starlette", "pydantic")
+MiB = 2**20
+
+
+def _read_token(args: argparse.Namespace) -> str | None:
+    """The bearer token from --token-file (first line) or --token; None when neither is given."""
+    if args.token is not None and args.token_file is not None:
+        raise ValueError("give the token with --token or --token-file, not both")
+    if args.token_file is None:
+        return args.token
+    from .images import read_file
+
+    text = read_file(args.token_file, limit=4096).decode("utf-8", "replace").strip()
+    if not text:
+        raise ValueError(f"{args.token_file}: the token file is empty")
+    return text.splitlines()[0].strip()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import ServeSettings, check_listen, create_app, load_models, run
+    except ImportError as e:
+        if e.name not in SERVE_EXTRA_MODULES:
+            raise
+        print(f"dn2: error: dn2 serve needs the serve extra ({e.name} is missing): pip install \"dn2[serve]\"",
+              file=sys.stderr)
+        return EXIT_ERROR
+    from . import config
+
+    token = _read_token(args)
+    check_listen(args.host, token=token, insecure=args.insecure)  # before the (slow) loading of the models
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be 1-65535, got {args.port}")
+    settings = ServeSettings(
+        token=token, max_file_bytes=int(args.max_file_mb * MiB), max_request_bytes=int(args.max_request_mb * MiB),
+        max_images=args.max_images, explain=args.explain, request_timeout=args.request_timeout,
+        batch_wait_ms=args.batch_wait_ms, max_batch=args.max_batch, max_connections=args.max_connections,
+    )
+    if args.image_memory is not None:
+        config.set_config(image_memory=args.image_memory)
+    models = load_models(args.models, weights=args.weights, allow_download=args.allow_download, runtime=args.runtime)
+    for served in models.values():
+        info = served.info()
+        print(f"model {served.name}: {served.path} ({info['backbone']}, k={info['k']}, threshold "
+              f"{info['threshold']:.4f}, {info['memory_size']} normal images"
+              f"{', thumbnails' if info['thumbnails'] else ''}{', maps' if info['maps'] else ''})")
+    if token is None and not args.insecure:
+        print("no token: only this machine can connect (--token-file FILE to require one)")
+    print(f"review page and API on http://{args.host}:{args.port}/ (Ctrl-C or SIGTERM to stop)", flush=True)
+    run(create_app(models, settings=settings), host=args.host, port=args.port, settings=settings)
+    return EXIT_OK
+
+
+def _add_serve_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register ``dn2 serve`` on the ``dn2`` command's subparsers (defaults from ServeSettings' documentation)."""
+    p = sub.add_parser(
+        "serve", help="serve models over HTTP: JSON API and a review page (needs the serve extra)",
+        description="Serve fitted models: POST /v1/score, GET /v1/models, /metrics, /healthz, and a review page at /. "
+                    "Listens on 127.0.0.1 only unless told otherwise; another address needs --token-file (or "
+                    "--insecure). Install with: pip install \"dn2[serve]\"",
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL", help="model files (NAME=PATH to name one; default name: the file's stem)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--token-file", default=None, metavar="FILE", help="require this bearer token (first line of FILE)")
+    p.add_argument("--token", default=None, help="require this bearer token (visible to other users in the process list: "
+                                                 "prefer --token-file)")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without a token")
+    p.add_argument("--max-file-mb", type=float, default=20, help="largest image file in an upload, MiB (default 20)")
+    p.add_argument("--max-request-mb", type=float, default=100, help="largest request body, MiB (default 100)")
+    p.add_argument("--max-images", type=int, default=64, help="images per request (default 64)")
+    p.add_argument("--image-memory", type=int, default=None, metavar="MIB",
+                   help="memory one image may decode to, which bounds its pixels (default: dn2.config image_memory, 128)")
+    p.add_argument("--explain", type=int, default=3, help="nearest normal images per result when a request does not say (default 3)")
+    p.add_argument("--request-timeout", type=float, default=60, help="seconds a request may take (default 60)")
+    p.add_argument("--batch-wait-ms", type=float, default=5, help="how long the network waits for more images to batch (default 5 ms)")
+    p.add_argument("--max-batch", type=int, default=None, help="images per network run (default: the runtime's fastest)")
+    p.add_argument("--max-connections", type=int, default=64, help="concurrent connections before 503 (default 64)")
+    p.add_argument("--weights", help="local backbone weights file (safetensors or state dict)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto", help="inference runtime (default: auto)")
+    p.add_argument("--allow-download", action="store_true", help="let missing backbone weights be downloaded")
+    p.set_defaults(func=cmd_serve)
+    return p
 
 
 # ----------------------------------------------------------------------------------------- bench
@@ -318,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "flat, ivf_faiss, ivfpq, hnsw")
     p.add_argument("--index-param", action="append", default=[], metavar="KEY=VALUE",
                    help="index parameter, repeatable: e.g. --index ivf --index-param nprobe=32 (integers or fp32/bf16)")
+    p.add_argument("--thumbnails", type=int, nargs="?", const=96, default=None, metavar="PX",
+                   help="keep a small JPEG of each training image in the model file (long side PX, default 96), "
+                        "shown beside verdicts by dn2 serve and dn2 score --report")
     p.add_argument("--force", action="store_true", help="overwrite an existing model file")
     _add_runtime_options(p)
     p.set_defaults(func=cmd_fit)
@@ -327,7 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="folder(s), zip archive(s) or image files")
     p.add_argument("--csv", help="also write the scores to this CSV file")
     p.add_argument("--explain", type=int, default=0, metavar="N", help="show the N nearest normal training images")
-    p.add_argument("--force", action="store_true", help="overwrite an existing CSV file")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help=f"also write a self-contained review page, DIR/index.html: images by score, verdicts, nearest "
+                        f"normals (--explain N, default {REPORT_EXPLAIN}), heat maps where the model has them")
+    p.add_argument("--force", action="store_true", help="overwrite an existing CSV file or report")
     _add_runtime_options(p, scoring=True)
     p.set_defaults(func=cmd_score)
 
@@ -343,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_backbones)
 
     _add_bench_parser(sub)
+    _add_serve_parser(sub)
     return parser
 
 

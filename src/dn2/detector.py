@@ -38,12 +38,14 @@ from sklearn.utils.validation import validate_data
 from .backbones import backbone_status
 from .base import ThresholdedScores
 from .features import Embedder, Embeddings, backbone_names
+from .images import as_source
 from .modelfile import ModelFileError, read_model_file, write_model
 from .normalize import NORMALIZATIONS, EmbeddingTransform, make_transform, transform_from_state
 from .params import Constraint, InstanceOf, Interval, Options, Predicate, TupleOf, validate
 from .runtime import RUNTIMES, resolve_precision
 from .search import INDEX_KINDS, kmeans, knn_score, make_index, restore_index
 from .settings import PRECISION_CHOICES, PRESETS, Method, method_for
+from .thumbnails import MAX_SIZE as MAX_THUMBNAIL, MIN_SIZE as MIN_THUMBNAIL, Thumbnails, thumbnails_of
 
 __all__ = ["DN2", "KNNDetector", "Neighbours", "clean_training_set", "load"]
 
@@ -249,11 +251,19 @@ class KNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
         self.fit(X, names=names)
         return np.where(self.train_scores_ <= self.threshold_, 1, -1)
 
-    def nearest(self, X: Any, n: int = 3) -> Neighbours:
-        """The ``n`` nearest training items (name, distance) of each query: why it scored as it did."""
+    def kneighbors(self, X: Any, n: int = 3) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, memory rows) of the ``n`` nearest training items of each query, nearest first.
+
+        The rows index ``memory_`` and ``memory_names_`` (and a model's thumbnails); -1 pads a row
+        when the index found fewer than ``n``.
+        """
         validate("nearest", {"n": n}, {"n": [Interval(int, 1, None)]})
         self._check_fitted()
-        dist, idx = self._search(X, min(n, len(self.memory_)))
+        return self._search(X, min(n, len(self.memory_)))
+
+    def nearest(self, X: Any, n: int = 3) -> Neighbours:
+        """The ``n`` nearest training items (name, distance) of each query: why it scored as it did."""
+        dist, idx = self.kneighbors(X, n)
         return [
             [(self.memory_names_[j], float(d)) for d, j in zip(drow, irow) if j >= 0]
             for drow, irow in zip(dist, idx)
@@ -371,6 +381,10 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
     with ``precision`` resolved for this CPU) and scores with exactly that method, also after
     save and load, even if a later dn2 changes a preset.
 
+    ``thumbnails=96`` also keeps a small JPEG (long side in pixels) of each memory image in
+    ``thumbnails_`` and the model file (:mod:`dn2.thumbnails`), so that a verdict's nearest normal
+    images can be shown where the training images are not at hand (``dn2 serve``, ``--report``).
+
     Example:
         >>> from dn2 import DN2
         >>> model = DN2(k=2).fit("normal_images/")  # doctest: +SKIP
@@ -394,6 +408,7 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         "progress": [InstanceOf(bool)],
         "skip_bad": [InstanceOf(bool)],
         "runtime": [Options(RUNTIMES)],
+        "thumbnails": [Interval(int, MIN_THUMBNAIL, MAX_THUMBNAIL), None],
     }
 
     def __init__(
@@ -419,6 +434,7 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         stages: tuple[int, ...] | None = None,
         flip: bool | None = None,
         novelty: bool = True,
+        thumbnails: int | None = None,
     ):
         self.backbone = backbone
         self.weights = weights
@@ -441,6 +457,7 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         self.stages = stages
         self.flip = flip
         self.novelty = novelty
+        self.thumbnails = thumbnails
 
     def method(self) -> Method:
         """The preset's method settings with the explicitly given parameters laid over them."""
@@ -457,6 +474,8 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         """Check every parameter, the method and the detector's index parameters: before any image is embedded."""
         validate("DN2", self.get_params(), self.parameter_constraints)
         self._make_detector(self.method()).check_params()
+        if self.thumbnails and self.n_centres is not None:
+            raise ValueError("thumbnails show memory images; with n_centres the memory holds k-means centres instead")
 
     def _run_options(self) -> dict[str, Any]:
         """How the embedder runs (not what it computes)."""
@@ -477,13 +496,17 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         method = self.method()
         self.method_ = replace(method, precision=resolve_precision(method.extraction_precision(), self.runtime))
         self.embedder_ = self._make_embedder(self.method_).fit()
-        train = self.embedder_.embed(X)
+        source = as_source(X)
+        train = self.embedder_.embed(source)
         if len(train.vectors) == 0:
             raise ValueError("no training image could be read")
         blocks = self.embedder_.part_dims()
         self.detector_ = self._make_detector(self.method_).set_params(blocks=tuple(blocks) if len(blocks) > 1 else None)
         self.detector_.fit(train.vectors, names=train.names)
         self.skipped_ = train.skipped
+        # thumbnails_: dn2.thumbnails.Thumbnails of the memory images (row i = memory row i), or None
+        self.thumbnails_ = (thumbnails_of(source, train.positions[self.detector_.kept_], self.thumbnails)
+                            if self.thumbnails else None)
         return self
 
     def _scoring_precision(self) -> str:
@@ -557,6 +580,9 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         detector, tensors = self.detector.to_state()
         meta = {"kind": "DN2", "preset": self.preset, "method": self.method_.to_dict(),
                 "backbone": self.embedder_.identity(), "detector": detector}
+        if getattr(self, "thumbnails_", None) is not None:
+            meta["thumbnails"], thumbnail_tensors = self.thumbnails_.to_state()
+            tensors = {**tensors, **thumbnail_tensors}
         return write_model(path, meta, tensors, force=force)
 
 
@@ -610,6 +636,7 @@ def load(path: str | os.PathLike, *, weights: str | os.PathLike | None = None, a
         stored = header.get("backbone")
         if not isinstance(stored, dict):
             raise ValueError("backbone identity missing")
+        thumbnails = Thumbnails.from_state(header.get("thumbnails"), tensors, len(detector.memory_))
     except (ValueError, TypeError, KeyError) as e:
         raise ModelFileError(path, f"invalid model header: {e}") from None
     if weights is None and stored.get("weights_id") == "random:0":
@@ -621,7 +648,8 @@ def load(path: str | os.PathLike, *, weights: str | os.PathLike | None = None, a
                                      "weights=FILE (--weights FILE), or allow_download=True (--allow-download)")
     params = {name: getattr(detector, name) for name in _DETECTOR_PARAMS}
     model = DN2(preset=preset, backbone=method.backbone, k=method.k, normalize=method.normalize, stages=method.stages,
-                flip=method.flip, precision=method.precision, weights=weights, **params, **run_options)
+                flip=method.flip, precision=method.precision, weights=weights, **params, **run_options,
+                thumbnails=thumbnails.size if thumbnails else None)
     model.check_params()
     model.method_ = replace(method, precision=resolve_precision(method.extraction_precision(), model.runtime))
     model.embedder_ = model._make_embedder(model.method_).fit()
@@ -634,6 +662,7 @@ def load(path: str | os.PathLike, *, weights: str | os.PathLike | None = None, a
         )
     model.detector_ = detector
     model.skipped_ = []
+    model.thumbnails_ = thumbnails
     model.file_info_ = {"format_version": model_file.format_version, "dn2_version": model_file.dn2_version,
                         "header_verified": model_file.header_verified}
     return model
