@@ -177,7 +177,8 @@ class ShardEmbedder:
 
 @dataclass
 class EmbeddingRun:
-    """What :func:`embed_to_parquet` did: the folder, its shards, how many were written now, bad images."""
+    """What :func:`embed_to_parquet` did: the folder, its shards, how many were written now, bad images,
+    the embedding width and the backbone identity (:meth:`dn2.Embedder.identity`)."""
 
     folder: Path
     n_images: int
@@ -186,6 +187,7 @@ class EmbeddingRun:
     bad: int
     dim: int
     seconds: float
+    identity: dict[str, Any]
 
 
 def _names_digest(source: ImageSource) -> str:
@@ -284,7 +286,8 @@ def embed_to_parquet(
     for stale in folder.glob(_TMP_PREFIX + "*.tmp"):  # temporary files of writers killed mid-write
         stale.unlink(missing_ok=True)
     good = sum(pq.read_table(f, columns=["error"]).column("error").null_count for f in files)
-    return EmbeddingRun(folder, n, n_shards, written, n - good, int(identity["feature_dim"]), time.perf_counter() - t0)
+    return EmbeddingRun(folder, n, n_shards, written, n - good, int(identity["feature_dim"]), time.perf_counter() - t0,
+                        identity)
 
 
 def _run_pipeline(source: ImageSource, folder: Path, todo: list[int], n_shards: int, meta: dict[str, Any],
@@ -299,20 +302,24 @@ def _run_pipeline(source: ImageSource, folder: Path, todo: list[int], n_shards: 
     workers = min(workers, len(todo))
     # One shard per block: each actor call embeds one shard, and a retry redoes one shard only.
     items = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
-    results = items.map_batches(
-        ShardEmbedder,
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=workers),
-        fn_constructor_kwargs=dict(source=source, folder=str(folder.resolve()), n_images=meta["n_images"],
-                                   shard_rows=meta["shard_rows"], method=meta["method"], identity=meta["backbone"],
-                                   weights=None if weights is None else os.fspath(weights), runtime=runtime,
-                                   batch_size=batch_size, num_workers=num_workers),
-        num_cpus=cpus,
-        num_gpus=gpus or None,
-        # Ray restarts a dead actor and retries its shard; finite, so that an image that kills its
-        # decoder every time fails the run instead of looping (Ray Data's default is forever).
-        ray_remote_args_fn=lambda: {"max_restarts": max_restarts, "max_task_retries": max_task_retries},
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for these and warns that passing them is deprecated (to go
+        # in 2.64, hence the extra's upper bound); its own default, retrying forever, would loop on an
+        # image that kills its decoder every time instead of failing the run.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        results = items.map_batches(
+            ShardEmbedder,
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            fn_constructor_kwargs=dict(source=source, folder=str(folder.resolve()), n_images=meta["n_images"],
+                                       shard_rows=meta["shard_rows"], method=meta["method"], identity=meta["backbone"],
+                                       weights=None if weights is None else os.fspath(weights), runtime=runtime,
+                                       batch_size=batch_size, num_workers=num_workers),
+            num_cpus=cpus,
+            num_gpus=gpus or None,
+            max_restarts=max_restarts,  # a dead actor is restarted ...
+            max_task_retries=max_task_retries,  # ... and its shard retried
+        )
     bar = tqdm(total=n_shards, initial=n_shards - len(todo), unit="shard", desc="embedding (ray)",
                disable=not progress, file=sys.stderr)
     written = 0

@@ -61,8 +61,8 @@ from ..search.kernels import ResultHeap, to_torch
 from .embed import read_embeddings, read_shard, shard_files
 
 __all__ = [
-    "MANIFEST_FORMAT", "IndexShard", "ModelFilePart", "RowsPart", "ShardState", "ShardedKNNDetector", "balanced_groups",
-    "detector_state", "file_sha256", "load_manifest", "merge_topk", "shard_bounds",
+    "MANIFEST_FORMAT", "IndexShard", "ModelFilePart", "RowsPart", "ShardState", "ShardedKNNDetector", "file_slices",
+    "detector_state", "file_sha256", "load_manifest", "merge_topk", "read_manifest", "shard_bounds", "share_cpus",
 ]
 
 MANIFEST_FORMAT = "dn2-sharded-model"
@@ -83,23 +83,20 @@ def shard_bounds(n: int, n_shards: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def balanced_groups(sizes: Sequence[int], n_groups: int) -> list[range]:
-    """``n_groups`` non-empty contiguous groups of items (files) with about equal total sizes (rows).
+def file_slices(rows: Sequence[int], start: int, stop: int) -> list[tuple[int, int, int]]:
+    """Rows start:stop of files holding ``rows`` rows each, one after the other, as (file, first, end) slices.
 
     Example:
-        >>> balanced_groups([8, 8, 8, 8, 8], 2)
-        [range(0, 3), range(3, 5)]
+        >>> file_slices([4, 4, 4], 3, 9)
+        [(0, 3, 4), (1, 0, 4), (2, 0, 1)]
     """
-    if not 1 <= n_groups <= len(sizes):
-        raise ValueError(f"cannot make {n_groups} non-empty groups of {len(sizes)} items")
-    cum = np.cumsum(sizes)
-    groups, start = [], 0
-    for g in range(1, n_groups):
-        cut = int(np.searchsorted(cum, cum[-1] * g / n_groups)) + 1
-        cut = min(max(cut, start + 1), len(sizes) - (n_groups - g))  # each group, and each one after, non-empty
-        groups.append(range(start, cut))
-        start = cut
-    return groups + [range(start, len(sizes))]
+    out, offset = [], 0
+    for f, n in enumerate(rows):
+        a, b = max(start - offset, 0), min(stop - offset, n)
+        if a < b:
+            out.append((f, a, b))
+        offset += n
+    return out
 
 
 def merge_topk(parts: Iterable[tuple[np.ndarray, np.ndarray]], n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -140,6 +137,16 @@ def detector_state(params: dict[str, Any], memory: np.ndarray, names: list[str],
     return header, tensors
 
 
+def share_cpus(n_shards: int) -> float:
+    """CPUs per shard actor: the cluster's CPUs shared out (whole CPUs when there are enough, else fractions).
+
+    Shard actors hold their CPUs while they live, so together they must not ask for more than the
+    cluster has: Ray would wait for the missing ones forever.
+    """
+    cpus = ray.cluster_resources().get("CPU", 1)
+    return max(1.0, cpus // n_shards) if cpus >= n_shards else cpus / n_shards
+
+
 # ------------------------------------------------------------------------------------------ one shard
 
 
@@ -166,14 +173,14 @@ class RowsPart:
     transform: EmbeddingTransform
     vectors: Any = None  # (n, D) float32 array, or an ObjectRef of one
     names: list[str] | None = None
-    files: tuple[str, ...] = ()
+    files: tuple[tuple[str, int, int], ...] = ()  # (Parquet file, first, end) in its good rows
     keep: np.ndarray | None = None
 
     def load(self) -> ShardState:
         if self.files:
-            parts = [read_shard(f)[0] for f in self.files]
-            raw = np.concatenate([p.vectors for p in parts])
-            names = [n for p in parts for n in p.names]
+            parts = [(read_shard(f)[0], a, b) for f, a, b in self.files]
+            raw = np.concatenate([p.vectors[a:b] for p, a, b in parts])
+            names = [n for p, a, b in parts for n in p.names[a:b]]
         else:
             raw = ray.get(self.vectors) if isinstance(self.vectors, ray.ObjectRef) else self.vectors
             names = list(self.names or [])
@@ -360,21 +367,19 @@ class ShardedKNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
         return make_transform(self.normalize, self.blocks, **(self.normalize_params or {})).fit(X)
 
     def _folder_parts(self, folder: Path) -> tuple[list[RowsPart], int]:
-        """Shards of contiguous Parquet files, balanced by rows; the transform fitted on the driver."""
+        """Shards of contiguous rows of the Parquet files (each actor reads its own); the transform fitted on the driver."""
         files = shard_files(folder)
         rows = np.array([pq.read_table(f, columns=["error"]).column("error").null_count for f in files])
         n = int(rows.sum())
         self.n_features_in_ = int(pq.read_schema(files[0]).field("embedding").type.list_size)
         self.check_params(n)
-        if len(files) < self.n_shards:
-            raise ValueError(f"n_shards={self.n_shards} exceeds the {len(files)} embedding files of {printable(folder)}")
         probe = make_transform(self.normalize, self.blocks, **(self.normalize_params or {}))
         if probe.stateless:
             transform = probe.fit(np.zeros((1, self.n_features_in_), np.float32))  # checks the block widths only
         else:  # the transform's statistics need every embedding, as KNNDetector fits them
             transform = self._transform(read_embeddings(folder).vectors)
-        groups = balanced_groups(rows.tolist(), self.n_shards)
-        return [RowsPart(transform, files=tuple(str(files[i]) for i in g)) for g in groups], n
+        return [RowsPart(transform, files=tuple((str(files[f]), a, b) for f, a, b in file_slices(rows.tolist(), start, stop)))
+                for start, stop in shard_bounds(n, self.n_shards)], n
 
     def _start(self, parts: Sequence[RowsPart | ModelFilePart]) -> None:
         """Start one actor per part; read their sizes."""
@@ -544,13 +549,11 @@ class ShardedKNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
 _SHARD_FILE = re.compile(r"[^/\\]+\.dn2")
 
 
-def load_manifest(path: str | os.PathLike, *, cpus_per_shard: float = 1.0,
-                  max_restarts: int = 3, query_rows: int = 8192) -> tuple[ShardedKNNDetector, dict[str, Any] | None]:
-    """Put the shards of a manifest written by :meth:`ShardedKNNDetector.save_manifest` on Ray actors.
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The checked JSON of a manifest written by :meth:`ShardedKNNDetector.save_manifest`.
 
-    Returns the fitted detector and, for a DN2 manifest, its image model's fields (preset, method,
-    backbone). Each actor checks its file's sha256 against the manifest and loads it with
-    :func:`dn2.load` (no pickle, every field validated). Needs an open Ray session.
+    ValueError naming the file for anything else: too large, not JSON, another format or version,
+    shard entries that are not a plain file name beside the manifest with a sha256.
     """
     path = Path(path)
     try:
@@ -562,28 +565,47 @@ def load_manifest(path: str | os.PathLike, *, cpus_per_shard: float = 1.0,
         if manifest.get("version") != MANIFEST_VERSION:
             raise ValueError(f"manifest version {manifest.get('version')!r}; this dn2 reads version {MANIFEST_VERSION}")
         detector, shards = manifest["detector"], manifest["shards"]
+        if not isinstance(detector.get("params"), dict) or not isinstance(shards, list) or not shards:
+            raise ValueError("no detector parameters, or no shards listed")
+        for entry in shards:
+            if (not isinstance(entry, dict) or not _SHARD_FILE.fullmatch(str(entry.get("file", "")))
+                    or not re.fullmatch(r"[0-9a-f]{64}", str(entry.get("sha256", "")))):
+                raise ValueError(f"bad shard entry {entry!r}: a file name beside the manifest and its sha256")
+        float(detector["threshold"]), int(detector["n_features_in"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{printable(path)}: not a valid dn2 sharded model manifest ({error})") from None
+    return manifest
+
+
+def load_manifest(path: str | os.PathLike, *, cpus_per_shard: float | None = None, max_restarts: int = 3,
+                  query_rows: int = 8192) -> tuple[ShardedKNNDetector, dict[str, Any] | None]:
+    """Put the shards of a manifest written by :meth:`ShardedKNNDetector.save_manifest` on Ray actors.
+
+    Returns the fitted detector and, for a DN2 manifest, its image model's fields (preset, method,
+    backbone). Each actor checks its file's sha256 against the manifest and loads it with
+    :func:`dn2.load` (no pickle, every field validated). ``cpus_per_shard`` None shares the cluster's
+    CPUs out over the shards (:func:`share_cpus`). Needs an open Ray session.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    detector, shards = manifest["detector"], manifest["shards"]
+    try:
         params = {name: detector["params"][name] for name in _SHARED_PARAMS}
         if isinstance(params["blocks"], list):
             params["blocks"] = tuple(params["blocks"])
-        if not isinstance(shards, list) or not shards:
-            raise ValueError("no shards listed")
-        for entry in shards:
-            if not _SHARD_FILE.fullmatch(str(entry.get("file", ""))) or not re.fullmatch(r"[0-9a-f]{64}", str(entry.get("sha256", ""))):
-                raise ValueError(f"bad shard entry {entry!r}: a file name beside the manifest and its sha256")
-        det = ShardedKNNDetector(**params, n_shards=len(shards), cpus_per_shard=cpus_per_shard,
+        det = ShardedKNNDetector(**params, n_shards=len(shards), cpus_per_shard=cpus_per_shard or share_cpus(len(shards)),
                                  max_restarts=max_restarts, query_rows=query_rows)
         det.check_params()
-        threshold = float(detector["threshold"])
-        n_features = int(detector["n_features_in"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ValueError(f"{printable(path)}: not a valid dn2 sharded model manifest ({error})") from None
+    except (KeyError, ValueError, TypeError) as error:
+        raise ValueError(f"{printable(path)}: invalid detector parameters in the manifest ({error})") from None
     det._start([ModelFilePart(str((path.parent / e["file"]).resolve()), e["sha256"]) for e in shards])
     for entry, info in zip(shards, det.infos_):
-        if info["params"] != det.local_detector().get_params() or info["memory_rows"] != entry["memory_rows"]:
+        if info["params"] != det.local_detector().get_params() or info["memory_rows"] != entry.get("memory_rows"):
             det.shutdown()
             raise ValueError(f"{printable(path)}: shard {entry['file']} does not match the manifest")
-    det.n_features_in_ = n_features
-    det.threshold_, det.offset_ = threshold, -threshold
+    det.n_features_in_ = int(detector["n_features_in"])
+    det.threshold_ = float(detector["threshold"])
+    det.offset_ = -det.threshold_
     det.train_scores_ = np.concatenate([i["train_scores"] for i in det.infos_])
     det.kept_ = np.concatenate([i["keep"] + a for i, a in zip(det.infos_, det.train_offsets_)])
     return det, manifest.get("model")
