@@ -44,7 +44,7 @@ def is_uri(path: str) -> bool:
 def _open_fs(uri: str) -> tuple[pa_fs.FileSystem, str]:
     try:
         return pa_fs.FileSystem.from_uri(uri)
-    except (pa_fs.ArrowInvalid, OSError, ValueError) as error:  # unknown scheme, bad URI, no credentials
+    except (OSError, ValueError) as error:  # unknown scheme, bad URI, no credentials (ArrowInvalid is a ValueError)
         raise ValueError(f"{printable(uri)}: cannot open its file system ({error})") from None
 
 
@@ -68,7 +68,7 @@ def read_manifest(manifest: str) -> list[str]:
             else:
                 with fs.open_input_stream(inner) as stream:
                     table = pa_csv.read_csv(stream, convert_options=options)
-    except (KeyError, pa_fs.ArrowInvalid) as error:
+    except (KeyError, ValueError) as error:  # pyarrow.ArrowInvalid is a ValueError
         raise ValueError(f"{printable(manifest)}: not a manifest with a 'path' column ({error})") from None
     paths = table.column("path").to_pylist()
     if not paths:
@@ -119,7 +119,7 @@ class ArrowFileSource(ImageSource):
                 raise BadImageError(f"{name}: too large ({info.size:,} bytes; the limit is dn2.config max_file_bytes)")
             with fs.open_input_stream(inner) as stream:
                 return read_limited(stream, limit, name, expected=info.size)
-        except (OSError, ValueError, pa_fs.ArrowInvalid) as error:
+        except (OSError, ValueError) as error:
             if isinstance(error, BadImageError):
                 raise
             raise BadImageError(f"{name}: cannot read it ({error})") from None
