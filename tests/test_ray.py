@@ -122,6 +122,7 @@ def test_a_rerun_writes_no_new_shard(embedded, images, method):
     again = dn2.ray.embed_to_parquet(images, embedded.folder, method, runtime="openvino", workers=2,
                                      shard_rows=SHARD_ROWS, progress=False)
     assert again.written == 0 and again.n_shards == embedded.n_shards
+    assert again.busy_seconds == 0 < embedded.busy_seconds
     assert {p.name: p.stat().st_mtime_ns for p in embedded.folder.iterdir()} == files
 
 

@@ -178,7 +178,8 @@ class ShardEmbedder:
 @dataclass
 class EmbeddingRun:
     """What :func:`embed_to_parquet` did: the folder, its shards, how many were written now, bad images,
-    the embedding width and the backbone identity (:meth:`dn2.Embedder.identity`)."""
+    the embedding width, the wall time, the backbone identity (:meth:`dn2.Embedder.identity`) and the
+    actors' busy time (per image: the steady cost, start-up excluded)."""
 
     folder: Path
     n_images: int
@@ -188,6 +189,7 @@ class EmbeddingRun:
     dim: int
     seconds: float
     identity: dict[str, Any]
+    busy_seconds: float = 0.0  # the actors' time on the shards written now (no start-up, no waiting)
 
 
 def _names_digest(source: ImageSource) -> str:
@@ -277,23 +279,24 @@ def embed_to_parquet(
             "backbone": identity}
     _prepare_folder(folder, meta)
     todo = [i for i in range(n_shards) if not (folder / shard_name(i, n_shards)).exists()]
-    written = 0
+    written, busy = 0, 0.0
     if todo:
         with ray_session():
-            written = _run_pipeline(source, folder, todo, n_shards, meta, weights, runtime, workers, cpus_per_worker,
+            written, busy = _run_pipeline(source, folder, todo, n_shards, meta, weights, runtime, workers, cpus_per_worker,
                                     gpus_per_worker, batch_size, num_workers, max_restarts, max_task_retries, progress)
     files = shard_files(folder)  # every shard is there, or this raises
     for stale in folder.glob(_TMP_PREFIX + "*.tmp"):  # temporary files of writers killed mid-write
         stale.unlink(missing_ok=True)
     good = sum(pq.read_table(f, columns=["error"]).column("error").null_count for f in files)
     return EmbeddingRun(folder, n, n_shards, written, n - good, int(identity["feature_dim"]), time.perf_counter() - t0,
-                        identity)
+                        identity, busy)
 
 
 def _run_pipeline(source: ImageSource, folder: Path, todo: list[int], n_shards: int, meta: dict[str, Any],
                   weights: Any, runtime: str, workers: int | None, cpus: float, gpus: float, batch_size: int | None,
-                  num_workers: int, max_restarts: int, max_task_retries: int, progress: bool) -> int:
-    """Run the actor pool over the shards ``todo``; progress over completed shards. Returns shards written."""
+                  num_workers: int, max_restarts: int, max_task_retries: int, progress: bool) -> tuple[int, float]:
+    """Run the actor pool over the shards ``todo``; progress over completed shards. Returns the shards
+    written and the actors' seconds spent on them."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the driver shows one bar over shards instead
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # not a line per execution
@@ -322,12 +325,13 @@ def _run_pipeline(source: ImageSource, folder: Path, todo: list[int], n_shards: 
         )
     bar = tqdm(total=n_shards, initial=n_shards - len(todo), unit="shard", desc="embedding (ray)",
                disable=not progress, file=sys.stderr)
-    written = 0
+    written, busy = 0, 0.0
     for row in results.iter_rows():
         written += int(row["written"])
+        busy += float(row["seconds"])
         bar.update(1)
     bar.close()
-    return written
+    return written, busy
 
 
 def shard_files(folder: str | os.PathLike) -> list[Path]:
