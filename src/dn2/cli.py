@@ -60,6 +60,32 @@ def _add_runtime_options(p: argparse.ArgumentParser, *, scoring: bool = False) -
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_ray_options(p: argparse.ArgumentParser, *, fit: bool = False) -> None:
+    """Options of running on a Ray cluster (the ``ray`` extra); dispatched to :mod:`dn2.ray.commands`."""
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="embed (and search) on Ray: alone, a local Ray for this run; 'auto' or ray://host:10001 a "
+                        "running cluster (needs: pip install \"dn2[ray]\")")
+    p.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                   help="embedding actors on Ray (default: one per CPU of the cluster)")
+    p.add_argument("--ray-embeddings", default=None, metavar="DIR",
+                   help="keep the embeddings here as Parquet shards; a rerun resumes (default: a temporary folder)")
+    if fit:
+        p.add_argument("--ray-shards", type=int, default=None, metavar="N",
+                       help="index shards on Ray actors (default: --ray-workers, or one per CPU)")
+        p.add_argument("--ray-manifest", action="store_true",
+                       help="save a manifest (*.json) of per-shard model files instead of one model file, for a "
+                            "memory bank larger than one machine")
+
+
+def _ray_commands() -> Any:
+    """:mod:`dn2.ray.commands`, imported only when --ray is used; a clear error without the extra."""
+    try:
+        from .ray import commands
+    except ImportError as e:
+        raise ValueError(f"--ray: {e}") from None
+    return commands
+
+
 def _inputs(values: Sequence[str]) -> str | list[str]:
     """One folder/zip/file stays as is (folders are searched recursively); several become a list."""
     return values[0] if len(values) == 1 else list(values)
@@ -117,6 +143,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         thumbnails=args.thumbnails,
     )
     model.check_params()
+    if args.ray is not None:
+        return EXIT_SKIPPED if _ray_commands().fit(model, args, out) else EXIT_OK
     source = as_source(_inputs(args.images))
     model.fit(source)
     model.save(out, force=args.force)
@@ -146,11 +174,19 @@ def _write_csv(path: Path, rows: list[dict[str, str]], force: bool) -> None:
             writer.writerows(rows)
 
 
-def cmd_score(args: argparse.Namespace) -> int:
-    from .detector import DN2, load
-    from .images import as_source
-    from .outputs import check_output_path
+def _score_row(name: str, score: float, neighbours: list[tuple[str, float]] | None, threshold: float) -> dict[str, str]:
+    row = {"image": name, "anomaly_score": f"{score:.6f}", "verdict": "anomaly" if score > threshold else "normal"}
+    for j, (nn_name, dist) in enumerate(neighbours or [], 1):
+        row[f"nearest_{j}"], row[f"distance_{j}"] = nn_name, f"{dist:.6f}"
+    return row
 
+
+def _skipped_row(name: str, reason: str) -> dict[str, str]:
+    return {"image": name, "anomaly_score": "", "verdict": "skipped", "reason": reason}
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .outputs import check_output_path
     from .review import report_records, report_target, write_report
 
     csv_path = check_output_path(args.csv, force=args.force, what="CSV file") if args.csv else None
@@ -158,37 +194,35 @@ def cmd_score(args: argparse.Namespace) -> int:
         report_target(args.report, force=args.force)
     if args.explain < 0:
         raise ValueError(f"--explain takes a number of neighbours >= 0, got {args.explain}")
-    model = load(args.model, weights=args.weights, allow_download=args.allow_download, progress=not args.quiet,
-                 skip_bad=args.skip_bad, runtime=args.runtime, batch_size=args.batch_size, num_workers=args.workers)
-    if not isinstance(model, DN2):
-        raise ValueError(f"{args.model} holds a detector on embeddings, not an image model")
-    if args.precision is not None:
-        model.set_params(precision=args.precision)
-    source = as_source(_inputs(args.images))
-    emb = model.embed(source)
-    det = model.detector
-    scores = det.anomaly_score(emb.vectors) if len(emb.vectors) else []
-    neighbours = det.nearest(emb.vectors, args.explain) if args.explain and len(emb.vectors) else None
-    rows: list[dict[str, str]] = [{"image": name, "anomaly_score": "", "verdict": "skipped", "reason": emb.errors[i]}
-                                  if i in emb.errors else {} for i, name in enumerate(emb.input_names)]
-    for row_number, (position, name, score) in enumerate(zip(emb.positions, emb.names, scores)):
-        row = {"image": name, "anomaly_score": f"{score:.6f}", "verdict": "anomaly" if score > det.threshold_ else "normal"}
-        if neighbours is not None:
-            for j, (nn_name, dist) in enumerate(neighbours[row_number], 1):
-                row[f"nearest_{j}"], row[f"distance_{j}"] = nn_name, f"{dist:.6f}"
-        rows[position] = row
+    if args.ray is not None:
+        if args.report:
+            raise ValueError("--report is made on this machine: score without --ray to write a review page")
+        names, scores, neighbours, skipped, threshold = _ray_commands().score(args)
+        rows = [_score_row(name, score, neighbours[i] if neighbours is not None else None, threshold)
+                for i, (name, score) in enumerate(zip(names, scores))]
+        rows += [_skipped_row(message.split(": ", 1)[0], message) for message in skipped]
+    else:
+        model, source, emb = _embed_for_scoring(args)
+        det = model.detector
+        threshold, skipped = det.threshold_, emb.skipped
+        scores = det.anomaly_score(emb.vectors) if len(emb.vectors) else []
+        neighbours = det.nearest(emb.vectors, args.explain) if args.explain and len(emb.vectors) else None
+        rows = [_skipped_row(name, emb.errors[i]) if i in emb.errors else {} for i, name in enumerate(emb.input_names)]
+        for row_number, (position, name, score) in enumerate(zip(emb.positions, emb.names, scores)):
+            rows[position] = _score_row(name, score, neighbours[row_number] if neighbours is not None else None,
+                                        threshold)
     width = max([len(r["image"]) for r in rows] + [5])
-    print(f"{'image':<{width}}  anomaly_score  verdict  (threshold {det.threshold_:.4f})")
+    print(f"{'image':<{width}}  anomaly_score  verdict  (threshold {threshold:.4f})")
     for r in rows:
         extra = ""
-        if neighbours is not None:
+        if args.explain:
             extra = "  nearest: " + ", ".join(
                 f"{r[f'nearest_{j}']} ({r[f'distance_{j}']})" for j in range(1, args.explain + 1) if f"nearest_{j}" in r
             )
         print(f"{r['image']:<{width}}  {r['anomaly_score']:>13}  {r['verdict']:<7}{extra}")
     n_anom = sum(r["verdict"] == "anomaly" for r in rows)
-    print(f"{n_anom} of {len(rows)} images flagged as anomalies" + (f"; {len(emb.skipped)} skipped" if emb.skipped else ""))
-    for message in emb.skipped:
+    print(f"{n_anom} of {len(rows)} images flagged as anomalies" + (f"; {len(skipped)} skipped" if skipped else ""))
+    for message in skipped:
         print(f"skipped {message}", file=sys.stderr)
     if csv_path is not None:
         _write_csv(csv_path, rows, args.force)
@@ -199,7 +233,22 @@ def cmd_score(args: argparse.Namespace) -> int:
                    f"{len(det.memory_)} normal images in memory" + ("" if model.thumbnails_ else " (no thumbnails)")]
         path = write_report(args.report, records, title=Path(args.model).name, details=details, force=args.force)
         print(f"wrote report {path}")
-    return EXIT_SKIPPED if emb.skipped else EXIT_OK
+    return EXIT_SKIPPED if skipped else EXIT_OK
+
+
+def _embed_for_scoring(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """Load the model with the caller's run options and embed the images on this machine: (model, source, embeddings)."""
+    from .detector import DN2, load
+    from .images import as_source
+
+    model = load(args.model, weights=args.weights, allow_download=args.allow_download, progress=not args.quiet,
+                 skip_bad=args.skip_bad, runtime=args.runtime, batch_size=args.batch_size, num_workers=args.workers)
+    if not isinstance(model, DN2):
+        raise ValueError(f"{args.model} holds a detector on embeddings, not an image model")
+    if args.precision is not None:
+        model.set_params(precision=args.precision)
+    source = as_source(_inputs(args.images))
+    return model, source, model.embed(source)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -423,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "shown beside verdicts by dn2 serve and dn2 score --report")
     p.add_argument("--force", action="store_true", help="overwrite an existing model file")
     _add_runtime_options(p)
+    _add_ray_options(p, fit=True)
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("score", help="score images with a fitted model", epilog=EXIT_CODES)
@@ -435,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"normals (--explain N, default {REPORT_EXPLAIN}), heat maps where the model has them")
     p.add_argument("--force", action="store_true", help="overwrite an existing CSV file or report")
     _add_runtime_options(p, scoring=True)
+    _add_ray_options(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("demo", help="one-class DN2 on scikit-learn's digits (offline)")
