@@ -3,6 +3,7 @@
 Examples:
     dn2 fit normal_images/ -o parts.dn2
     dn2 score parts.dn2 new_images/ --csv scores.csv --explain 3
+    dn2 fit normal_parts/ -o parts.dn2 --maps spade && dn2 score parts.dn2 new_parts/ --map-dir maps/
     dn2 demo
     dn2 backbones
 """
@@ -21,8 +22,8 @@ from typing import Any, Iterator, Sequence
 from .backbones import DEFAULT_BACKBONE, BackboneWeightsError, list_backbones
 from .bench import PROTOCOLS, embed_dataset, limit_dataset, normalized, run_protocols
 from .bench.report import format_table, write_html, write_table
-from .datasets import FORMATS, describe, load_dataset
-from .settings import PRESETS, Method
+from .datasets import FORMATS, MaskedDataset, describe, load_dataset
+from .settings import IMAGE_SCORES, MAP_METHODS, PRESETS, Method
 from .features import PRECISIONS, RUNTIMES
 from .images import BadImageError
 from .modelfile import ModelFileError
@@ -82,7 +83,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     # Everything that can be wrong is checked before the (long) embedding: output path, parameters, inputs.
     out = check_output_path(args.output, force=args.force, what="model file")
-    stages = tuple(int(v) for v in args.stages.split(",") if v.strip()) if args.stages is not None else None
+    stages = _int_list(args.stages, "--stages")
+    map_stages = _int_list(args.map_stages, "--map-stages")
     model = DN2(
         preset=args.preset,
         backbone=args.backbone,
@@ -103,6 +105,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
         runtime=args.runtime,
         progress=not args.quiet,
         skip_bad=args.skip_bad,
+        maps=args.maps,
+        map_backbone=args.map_backbone,
+        map_size=args.map_size,
+        map_stages=map_stages,
+        map_coreset=args.map_coreset,
+        map_k=args.map_k,
+        image_score=args.image_score,
     )
     model.check_params()
     source = as_source(_inputs(args.images))
@@ -111,11 +120,24 @@ def cmd_fit(args: argparse.Namespace) -> int:
     det = model.detector
     print(
         f"fitted on {len(det.kept_)} of {len(det.train_scores_)} images "
-        f"({len(det.memory_)} embeddings kept), threshold {det.threshold_:.4f}; saved {out}"
+        f"({len(det.memory_)} embeddings kept), threshold {model.threshold_:.4f}; saved {out}"
     )
+    if model.maps_ is not None:
+        print(f"maps: {model.method_.maps}, {len(model.maps_.memory.patches):,} patches kept, "
+              f"pixel threshold {model.pixel_threshold_:.4f}")
     for message in model.skipped_:
         print(f"skipped {message}", file=sys.stderr)
     return EXIT_SKIPPED if model.skipped_ else EXIT_OK
+
+
+def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
+    """'2,-1' -> (2, -1); '' -> (); None -> None (the preset's)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{option} takes integers separated by commas, got {text!r}") from None
 
 
 def _write_csv(path: Path, rows: list[dict[str, str]], force: bool) -> None:
@@ -135,32 +157,58 @@ def _write_csv(path: Path, rows: list[dict[str, str]], force: bool) -> None:
 def cmd_score(args: argparse.Namespace) -> int:
     from .detector import DN2, load
     from .images import as_source
+    from .maps.render import MAP_SUFFIX, OVERLAY_SUFFIX, output_names, output_paths, save_map
     from .outputs import check_output_path
 
     csv_path = check_output_path(args.csv, force=args.force, what="CSV file") if args.csv else None
     if args.explain < 0:
         raise ValueError(f"--explain takes a number of neighbours >= 0, got {args.explain}")
+    map_dir = _map_folder(args.map_dir) if args.map_dir else None
     model = load(args.model, weights=args.weights, allow_download=args.allow_download, progress=not args.quiet,
                  skip_bad=args.skip_bad, runtime=args.runtime, batch_size=args.batch_size, num_workers=args.workers)
     if not isinstance(model, DN2):
         raise ValueError(f"{args.model} holds a detector on embeddings, not an image model")
+    if map_dir is not None and model.maps_ is None:
+        raise ValueError(f"--map-dir: {args.model} was fitted without maps; fit it with --maps spade or --maps patchcore")
     if args.precision is not None:
         model.set_params(precision=args.precision)
     source = as_source(_inputs(args.images))
+    with_maps = model.maps_ is not None and (map_dir is not None or model.method_.image_score != "dn2")
+    paths = None
+    if map_dir is not None:  # every output checked before any work
+        map_dir.mkdir(exist_ok=True)
+        paths = output_paths(map_dir, output_names(source.names()), force=args.force)
     emb = model.embed(source)
+    skipped = list(emb.skipped)
     det = model.detector
     scores = det.anomaly_score(emb.vectors) if len(emb.vectors) else []
+    mapped: dict[str, Any] = {}
+    if with_maps and len(emb.vectors):
+        threshold = model.pixel_threshold_
+        for loc in model.localize(source, skipped, embeddings=emb):
+            heat = loc.map()
+            mapped[loc.name] = (loc, float((heat > threshold).mean()))
+            if paths is not None:
+                save_map(paths[loc.index], source.load(loc.index), heat, threshold, force=args.force)
     neighbours = det.nearest(emb.vectors, args.explain) if args.explain and len(emb.vectors) else None
     rows = []
     for i, (name, score) in enumerate(zip(emb.names, scores)):
-        verdict = "anomaly" if score > det.threshold_ else "normal"
+        if with_maps:
+            if name not in mapped:  # read for the embedding, not for the map (skip_bad): skipped
+                continue
+            loc, flagged = mapped[name]
+            score = loc.image_score
+        verdict = "anomaly" if score > model.threshold_ else "normal"
         row = {"image": name, "anomaly_score": f"{score:.6f}", "verdict": verdict}
+        if with_maps:
+            row.update(image_level_score=f"{loc.dn2_score:.6f}", map_score=f"{loc.map_score:.6f}",
+                       flagged_pixels=f"{flagged:.6f}")
         if neighbours is not None:
             for j, (nn_name, dist) in enumerate(neighbours[i], 1):
                 row[f"nearest_{j}"], row[f"distance_{j}"] = nn_name, f"{dist:.6f}"
         rows.append(row)
     width = max([len(r["image"]) for r in rows] + [5])
-    print(f"{'image':<{width}}  anomaly_score  verdict  (threshold {det.threshold_:.4f})")
+    print(f"{'image':<{width}}  anomaly_score  verdict  (threshold {model.threshold_:.4f})")
     for r in rows:
         extra = ""
         if neighbours is not None:
@@ -169,13 +217,25 @@ def cmd_score(args: argparse.Namespace) -> int:
             )
         print(f"{r['image']:<{width}}  {r['anomaly_score']:>13}  {r['verdict']:<7}{extra}")
     n_anom = sum(r["verdict"] == "anomaly" for r in rows)
-    print(f"{n_anom} of {len(rows)} images flagged as anomalies" + (f"; {len(emb.skipped)} skipped" if emb.skipped else ""))
-    for message in emb.skipped:
+    print(f"{n_anom} of {len(rows)} images flagged as anomalies" + (f"; {len(skipped)} skipped" if skipped else ""))
+    for message in skipped:
         print(f"skipped {message}", file=sys.stderr)
     if csv_path is not None:
         _write_csv(csv_path, rows, args.force)
         print(f"wrote {csv_path}")
-    return EXIT_SKIPPED if emb.skipped else EXIT_OK
+    if map_dir is not None:
+        print(f"wrote {len(mapped)} map overlays (*{OVERLAY_SUFFIX}) and raw maps (*{MAP_SUFFIX}) to {map_dir}")
+    return EXIT_SKIPPED if skipped else EXIT_OK
+
+
+def _map_folder(value: str) -> Path:
+    """The --map-dir folder: an existing folder, or a new one in an existing folder (made when scoring starts)."""
+    folder = Path(value)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--map-dir {folder}: exists and is not a folder")
+    if not folder.exists() and not folder.parent.is_dir():
+        raise ValueError(f"--map-dir {folder}: its parent folder {folder.parent} does not exist")
+    return folder
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -217,10 +277,15 @@ def _command_line(args: argparse.Namespace) -> str:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``dn2 bench``: load, (limit), embed once per backbone, run, print and write tables."""
+    if args.protocol == "localize":
+        return cmd_localize(args)
     total = time.perf_counter()
     if args.k < 1 or args.seeds < 1:
         raise ValueError("--k and --seeds must be at least 1")
-    ds = limit_dataset(load_dataset(args.data, format=args.format), args.max_train_per_class, args.max_test)
+    ds = load_dataset(args.data, format=args.format)
+    if isinstance(ds, MaskedDataset):
+        raise ValueError(f"--data {args.data}: a dataset with defect masks; its protocol is dn2 bench localize")
+    ds = limit_dataset(ds, args.max_train_per_class, args.max_test)
     print(describe(ds))
     names = _backbone_list(args)
     if args.protocol not in ("backbones", "all"):
@@ -246,6 +311,55 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _machine_line() -> str:
+    """CPU features and load, printed beside every timing (timings on shared machines are provisional)."""
+    import os
+
+    from .runtime import cpu_features
+
+    features = cpu_features()
+    names = [name for name in ("avx512_bf16", "amx_bf16", "avx512_vnni", "avx512f", "avx2") if getattr(features, name, False)]
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    return f"machine: {os.cpu_count()} CPUs ({' '.join(names) or 'no AVX2'}); load average {load}"
+
+
+def cmd_localize(args: argparse.Namespace) -> int:
+    """``dn2 bench localize``: anomaly maps of each method x backbone against a dataset's masks."""
+    from .bench.localize import limit_masked, localize
+
+    total = time.perf_counter()
+    methods = [m.strip() for m in (args.maps or "spade").split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(MAP_METHODS))
+    if unknown:
+        raise ValueError(f"--maps takes {', '.join(MAP_METHODS)} (comma-separated), got {', '.join(unknown)}")
+    backbones: list[str | None] = [b.strip() for b in args.backbone.split(",") if b.strip()] if args.backbone else [None]
+    ds = load_dataset(args.data, format=args.format)
+    if not isinstance(ds, MaskedDataset):
+        raise ValueError(f"--data {args.data}: dn2 bench localize needs ground-truth masks (an MVTec AD category, "
+                         f"or Magnetic Tile Defects: --format mvtec, mtd, mtd-mixed)")
+    ds = limit_masked(ds, args.max_train_per_class, args.max_test)
+    print(describe(ds))
+    print(_machine_line())
+    tables, figures = localize(ds, methods, backbones, map_size=args.map_size, weights=args.weights,
+                               precision=args.precision, runtime=args.runtime, batch_size=args.batch_size,
+                               num_workers=args.workers, progress=not args.quiet, skip_bad=args.skip_bad)
+    for table in tables:
+        write_table(table, args.out)
+        if not table.name.startswith("scores_"):
+            print()
+            print(format_table(table))
+    for stem, _, png in figures:
+        Path(args.out, f"{stem}.png").write_bytes(png)
+    print(f"\nwrote {len(tables)} table(s) (CSV, markdown) and {len(figures)} example figure(s) to {args.out}")
+    if args.report:
+        preamble = [describe(ds), _machine_line(), f"command: dn2 {' '.join(sys.argv[1:])}"]
+        shown = [t for t in tables if not t.name.startswith("scores_")]
+        index = write_html(shown, args.report, title=f"dn2 bench localize: {ds.name}", preamble=preamble, figures=figures)
+        print(f"wrote report {index}")
+    print(f"total wall time {time.perf_counter() - total:.1f} s")
+    return 0
+
+
 def _add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     """Register ``dn2 bench`` on the ``dn2`` command's subparsers."""
     p = sub.add_parser(
@@ -253,7 +367,9 @@ def _add_bench_parser(sub: Any) -> argparse.ArgumentParser:
         description="Run the DN2 paper's protocols on a labelled dataset (class folders, zip, CIFAR, idx, CSV); "
                     "writes <protocol>.csv/.md/.png to --out. Example: dn2 bench unimodal --data cifar10.zip",
     )
-    p.add_argument("protocol", choices=[*PROTOCOLS, "all"], help="which protocol (all: every one)")
+    p.add_argument("protocol", choices=[*PROTOCOLS, "all", "localize"],
+                   help="which protocol (all: every one; localize: anomaly maps against the masks of an MVTec AD "
+                        "category or Magnetic Tile Defects)")
     p.add_argument("--data", required=True, help="dataset: class folders (train/ test/), zip, CIFAR/MNIST files, CSV manifest")
     p.add_argument("--format", choices=FORMATS, default="auto", help="dataset format (default: detect)")
     p.add_argument("--backbone", default=None,
@@ -269,6 +385,10 @@ def _add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="embedding cache directory (default $DN2_CACHE or ~/.cache/dn2/embeddings)")
     p.add_argument("--max-train-per-class", type=int, default=None, metavar="N", help="use at most N random training images per class")
     p.add_argument("--max-test", type=int, default=None, metavar="N", help="use at most N random test images")
+    p.add_argument("--maps", default=None, help="localize: map methods, comma-separated (spade, patchcore; default spade); "
+                   "--backbone then names the maps' backbones (default: the best preset's)")
+    p.add_argument("--map-size", type=int, default=None, help="localize: images squashed to this size for the maps (default 224)")
+    p.add_argument("--weights", default=None, help="localize: local backbone weights file, or 'random' (tests)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="inference precision (default: auto)")
     p.add_argument("--runtime", choices=RUNTIMES, default="auto", help="inference runtime (default: auto)")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the runtime's fastest)")
@@ -307,6 +427,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "flat, ivf_faiss, ivfpq, hnsw")
     p.add_argument("--index-param", action="append", default=[], metavar="KEY=VALUE",
                    help="index parameter, repeatable: e.g. --index ivf --index-param nprobe=32 (integers or fp32/bf16)")
+    p.add_argument("--maps", choices=MAP_METHODS, default=None,
+                   help="also make anomaly maps: spade (nearest patches among the K nearest training images; the "
+                        "measured best) or patchcore (one coreset bank of all training patches)")
+    p.add_argument("--map-backbone", default=None, help="backbone of the patch features (preset best: efficientnet_lite2)")
+    p.add_argument("--map-size", type=int, default=None, help="images squashed to this square size for the maps (default 224)")
+    p.add_argument("--map-stages", default=None, metavar="I,J", help="stages of the patch features (default -3,-2: stride 8 and 16)")
+    p.add_argument("--map-coreset", type=float, default=None,
+                   help="share of the patches kept (default: spade 0.25 of each image's, patchcore 0.1 of all)")
+    p.add_argument("--map-k", type=int, default=None, help="spade: nearest training images searched (default 10)")
+    p.add_argument("--image-score", choices=IMAGE_SCORES, default=None,
+                   help="with maps, the image score: dn2 (default: image-level, unchanged), combined (image-level + map, "
+                        "better on defects in parts and textures) or map")
     p.add_argument("--force", action="store_true", help="overwrite an existing model file")
     _add_runtime_options(p)
     p.set_defaults(func=cmd_fit)
@@ -316,7 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="folder(s), zip archive(s) or image files")
     p.add_argument("--csv", help="also write the scores to this CSV file")
     p.add_argument("--explain", type=int, default=0, metavar="N", help="show the N nearest normal training images")
-    p.add_argument("--force", action="store_true", help="overwrite an existing CSV file")
+    p.add_argument("--map-dir", default=None, metavar="DIR",
+                   help="write each image's anomaly map here (model fitted with --maps): <name>.overlay.png (heat map "
+                        "over the image, predicted defects outlined) and <name>.map.npy (the raw float32 map)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing CSV file or map files")
     _add_runtime_options(p, scoring=True)
     p.set_defaults(func=cmd_score)
 
