@@ -39,13 +39,13 @@ from .backbones import backbone_status
 from .base import ThresholdedScores
 from .features import Embedder, Embeddings, backbone_names
 from .images import as_source
-from .maps import Localization, MapModel, fit_maps, load_patch_nets, source_positions
+from .maps import Localization, MapModel, PatchNet, fit_maps, load_patch_nets, source_positions
 from .modelfile import ModelFileError, read_model_file, write_model
 from .normalize import NORMALIZATIONS, EmbeddingTransform, make_transform, transform_from_state
 from .params import Constraint, InstanceOf, Interval, Options, Predicate, TupleOf, validate
 from .runtime import RUNTIMES, resolve_precision
 from .search import INDEX_KINDS, kmeans, knn_score, make_index
-from .settings import MAP_METHODS, MAP_SETTINGS, PRECISION_CHOICES, PRESETS, Method, method_for
+from .settings import MAP_SETTINGS, PRECISION_CHOICES, PRESETS, Method, method_for
 
 __all__ = ["DN2", "KNNDetector", "Neighbours", "clean_training_set", "load"]
 
@@ -393,11 +393,8 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         "progress": [InstanceOf(bool)],
         "skip_bad": [InstanceOf(bool)],
         "runtime": [Options(RUNTIMES)],
-        **{name: [*Method.constraints[name], None] for name in MAP_SETTINGS if name not in ("maps", "map_backbone",
-                                                                                          "map_coreset")},
-        "maps": [Options(MAP_METHODS), None],
-        "map_backbone": Method.constraints["map_backbone"],
-        "map_coreset": Method.constraints["map_coreset"],
+        # the map settings of Method, each also None (= the preset's)
+        **{name: [c for c in Method.constraints[name] if c is not None] + [None] for name in MAP_SETTINGS},
     }
 
     def __init__(
@@ -511,7 +508,7 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         blocks = self.embedder_.part_dims()
         self.detector_ = self._make_detector(self.method_).set_params(blocks=tuple(blocks) if len(blocks) > 1 else None)
         self.detector_.fit(train.vectors, names=train.names)
-        self.skipped_ = train.skipped
+        self.skipped_ = list(train.skipped)
         self.maps_ = self._fit_maps(source, train) if self.method_.maps else None
         return self
 
@@ -524,9 +521,9 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
                         image_score=m.image_score, image_index=det.index_ if spade else None,
                         image_memory=det.memory_ if spade else None, dn2_loo=det.train_scores_[det.kept_],
                         rate=self.fpr if self.contamination is None else self.contamination, index=self.index,
-                        index_params=self.index_params, **self._map_run_options())
+                        index_params=self.index_params, skipped=self.skipped_, **self._map_run_options())
 
-    def _patch_nets(self) -> list:
+    def _patch_nets(self) -> list[PatchNet]:
         m = self.method_
         return load_patch_nets(m.map_backbone, self.weights, m.map_stages, m.map_size)
 

@@ -229,6 +229,7 @@ def localize(ds: MaskedDataset, methods: Sequence[str], backbones: Sequence[str 
                            "peak: resident memory of the process during each phase"]
                     + ([f"{len(empty)} defective test images have masks marking no pixel (as distributed)"] if empty else []))
     tables = [summary] + [t for r in results for t in (r.per_type, r.scores)]
-    figures = [(f"examples_{r.method}_{r.backbone.replace('+', '-')}", r.per_type.title, r.figure)
+    figures = [(f"examples_{r.method}_{r.backbone.replace('+', '-')}",
+                f"{ds.name}: example maps of {r.method} on {r.backbone}: best, typical and worst defective image", r.figure)
                for r in results if r.figure is not None]
     return tables, figures

@@ -55,7 +55,7 @@ def grid_to_map(grid: np.ndarray, size: tuple[int, int], sigma: float = SIGMA) -
 
     Example:
         >>> m = grid_to_map(np.array([[0.0, 1.0]], np.float32), (3, 8), sigma=0)
-        >>> m.shape, m.dtype, m[0].round(2).tolist()
+        >>> m.shape, m.dtype, m[0].astype(float).round(2).tolist()
         ((3, 8), dtype('float32'), [0.0, 0.0, 0.12, 0.38, 0.62, 0.88, 1.0, 1.0])
     """
     t = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32))[None, None]
