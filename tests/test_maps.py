@@ -268,3 +268,32 @@ def test_memories_against_brute_force():
     reduced = SpadeMemory(0.25)
     reduced.add(0, images[0])
     assert len(reduced.finish().patches) == 8 and knn(images[0], reduced.patches, 1)[0].max() == 0.0
+
+
+def test_an_ensemble_of_map_backbones_is_concatenated_per_location(normals, tmp_path):
+    model = fit(normals[:5], "spade", map_backbone="efficientnet_lite0+efficientnet_lite2", weights="random", map_size=64)
+    maps = model.maps_
+    assert [net.dim for net in maps.nets] == [152, 168] and maps.memory.patches.shape[1] == 320
+    assert maps.scales.shape == (2,) and (maps.scales > 0).all()  # each part divided by its mean length
+    loaded = dn2.load(model.save(tmp_path / "ensemble.dn2"), runtime="torch", progress=False)
+    np.testing.assert_array_equal(loaded.maps_.scales, maps.scales)
+    np.testing.assert_array_equal(loaded.anomaly_map([texture(3)])[0], model.anomaly_map([texture(3)])[0])
+
+
+def test_an_image_too_large_to_decode_whole_gets_no_patches_but_the_rest_goes_on(normals, tmp_path):
+    """The image-level pass decodes JPEGs reduced (draft); the maps need the original size, so decode it whole.
+    An image over the memory budget at full size is then skipped by the maps alone (with skip_bad), and SPADE's
+    neighbours are taken among the images that have patches."""
+    from dn2.config import config_context
+
+    for i, image in enumerate(normals[:6]):
+        image.save(tmp_path / f"n{i}.png")
+    normals[6].resize((1600, 960)).save(tmp_path / "zz_large.jpg", quality=90)
+    with config_context(image_memory=4), pytest.warns(UserWarning, match="zz_large.jpg"):
+        model = fit(tmp_path, "spade", skip_bad=True, num_workers=0)
+    assert len(model.detector.memory_) == 7 and model.maps_.n_images == 7  # in the image-level memory ...
+    assert model.maps_.has_patches.tolist() == [True] * 6 + [False]  # ... but without patches
+    assert any("zz_large.jpg" in message for message in model.skipped_)
+    neighbours = model.maps_.neighbours(model.detector.index_, model.detector.memory_[6:])
+    assert 6 not in neighbours and neighbours.shape == (1, 6)  # K=10, but only 6 images own patches
+    assert model.anomaly_map([texture(101, defect=True)])[0][DEFECT].mean() > model.pixel_threshold_

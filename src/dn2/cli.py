@@ -341,6 +341,7 @@ def cmd_localize(args: argparse.Namespace) -> int:
     print(describe(ds))
     print(_machine_line())
     tables, figures = localize(ds, methods, backbones, map_size=args.map_size, weights=args.weights,
+                               map_stages=_int_list(args.map_stages, "--map-stages"),
                                precision=args.precision, runtime=args.runtime, batch_size=args.batch_size,
                                num_workers=args.workers, progress=not args.quiet, skip_bad=args.skip_bad)
     for table in tables:
@@ -388,6 +389,7 @@ def _add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--maps", default=None, help="localize: map methods, comma-separated (spade, patchcore; default spade); "
                    "--backbone then names the maps' backbones (default: the best preset's)")
     p.add_argument("--map-size", type=int, default=None, help="localize: images squashed to this size for the maps (default 224)")
+    p.add_argument("--map-stages", default=None, metavar="I,J", help="localize: stages of the patch features (default -3,-2)")
     p.add_argument("--weights", default=None, help="localize: local backbone weights file, or 'random' (tests)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="inference precision (default: auto)")
     p.add_argument("--runtime", choices=RUNTIMES, default="auto", help="inference runtime (default: auto)")

@@ -54,6 +54,7 @@ __all__ = ["DEFAULT_STAGES", "PatchBatch", "PatchNet", "SquashDataset", "load_pa
 #: The stages at stride 8 and 16, counted from the deepest (see the module docstring).
 DEFAULT_STAGES: tuple[int, ...] = (-3, -2)
 AGGREGATE = 3  # neighbourhood averaged at each location (PatchCore's p = 3)
+CHECK_SIZE = 64  # input side of the one forward pass that checks a PatchNet against its backbone (cheap)
 
 
 def _stage_names(body: nn.Module, stages: tuple[int, ...]) -> tuple[tuple[int, ...], list[str]]:
@@ -167,11 +168,14 @@ class PatchNet(nn.Module):
 
     @torch.no_grad()
     def _check_forward_order(self, body: nn.Module, names: list[str]) -> tuple[tuple[int, int], int]:
-        """Run the body's own forward with hooks and this module on one input: the stage outputs must agree."""
+        """Run the body's own forward with hooks and this module on one small input: the stage outputs must
+        agree. Returns the grid at ``size`` (the shallowest stage's stride, as in these networks' padding:
+        ceil(size / stride); the first batch's reshape checks it) and the feature dimension."""
         captured: dict[str, torch.Tensor] = {}
         hooks = [body.get_submodule(n).register_forward_hook(
             lambda _m, _i, out, n=n: captured.__setitem__(n, out)) for n in names]
-        x = torch.randn(1, 3, self.size, self.size, generator=torch.Generator().manual_seed(0))
+        probe = CHECK_SIZE
+        x = torch.randn(1, 3, probe, probe, generator=torch.Generator().manual_seed(0))
         try:
             body(x)
         finally:
@@ -183,7 +187,11 @@ class PatchNet(nn.Module):
             raise ValueError(f"maps: the stages of {type(body).__name__} cannot be run in sequence "
                              "(its forward is not the composition of its layers); choose another backbone")
         h, w = captured[names[0]].shape[-2:]
-        return (int(h), int(w)), int(expected.shape[1] // (h * w))
+        stride = probe // int(h)
+        if probe % int(h) or probe // int(w) != stride:
+            raise ValueError(f"maps: cannot tell the stride of stage {names[0]!r} of {type(body).__name__}")
+        grid = (-(-self.size // stride), -(-self.size // stride))
+        return grid, int(expected.shape[1] // (h * w))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tail(self.early(x))
