@@ -297,3 +297,12 @@ def test_an_image_too_large_to_decode_whole_gets_no_patches_but_the_rest_goes_on
     neighbours = model.maps_.neighbours(model.detector.index_, model.detector.memory_[6:])
     assert 6 not in neighbours and neighbours.shape == (1, 6)  # K=10, but only 6 images own patches
     assert model.anomaly_map([texture(101, defect=True)])[0][DEFECT].mean() > model.pixel_threshold_
+
+
+def test_patchcore_bank_searched_by_an_approximate_index_survives_save_and_load(normals, tmp_path):
+    model = fit(normals[:6], "patchcore", index="ivf", index_params={"nprobe": 2}, map_size=64)
+    assert model.maps_.memory.index.kind == "ivf"
+    loaded = dn2.load(model.save(tmp_path / "ivf.dn2"), runtime="torch", progress=False)
+    _, tensors = read_model(tmp_path / "ivf.dn2")
+    assert {"maps/index/centres", "maps/index/order", "maps/index/offsets"} <= set(tensors)
+    np.testing.assert_array_equal(loaded.anomaly_map([texture(3)])[0], model.anomaly_map([texture(3)])[0])

@@ -168,9 +168,14 @@ def localize_one(ds: MaskedDataset, method: str, backbone: str | None, *, preset
     types = [c for c in range(len(ds.classes)) if c != ds.normal and (labels == c).any()]
     pixels = {c: PixelMetrics(low, high, PIXEL_BINS) for c in [*types, "all"]}
     per_image: list[tuple[float, int]] = []
+    flagged = np.zeros(4, dtype=np.int64)  # normal pixels of defect-free images: flagged, all; defect pixels: same
     for r, label in zip(results, labels):
         heat = r.map()
         mask = ds.masks.load(r.index, heat.shape)
+        above = heat > maps.pixel_threshold
+        if label == ds.normal:
+            flagged[:2] += int(above.sum()), above.size
+        flagged[2:] += int(above[mask].sum()), int(mask.sum())
         for key in (types if label == ds.normal else [label]) + ["all"]:
             pixels[key].add(mask, heat)
         if label != ds.normal and mask.any():  # an empty mask (allowed by some datasets) has no pixel ROCAUC
@@ -204,7 +209,9 @@ def localize_one(ds: MaskedDataset, method: str, backbone: str | None, *, preset
         figure = _figure(ds, [(label, i, value) for label, (value, i) in picks], heats, maps.pixel_threshold,
                          f"{ds.name}: {method} maps on {backbone}: best, typical and worst defective image")
     summary = {"method": method, "backbone": backbone, **{f"image {rule}": overall[2 + j] for j, rule in enumerate(IMAGE_SCORES)},
-               "pixel": overall[-2], "PRO": overall[-1], "fit s": fit_seconds, "score s": score_seconds,
+               "pixel": overall[-2], "PRO": overall[-1],
+               "threshold FPR %": 100 * flagged[0] / max(flagged[1], 1), "threshold TPR %": 100 * flagged[2] / max(flagged[3], 1),
+               "fit s": fit_seconds, "score s": score_seconds,
                "fit peak MiB": fit_peak, "score peak MiB": score_peak, "model MiB": _model_size_mib(model),
                "precision": model.method_.precision}
     return LocalizeResult(method, backbone, per_type, scores, figure, summary)
@@ -225,6 +232,9 @@ def localize(ds: MaskedDataset, methods: Sequence[str], backbones: Sequence[str 
                     [[r.summary[k] for k in keys] for r in results],
                     notes=["image ROCAUC per image score: dn2 (image-level, the default), map (largest patch "
                            "distance), combined (sum of z-scores vs training leave-one-out)",
+                           "threshold FPR: share of the pixels of defect-free test images above the pixel threshold "
+                           "(set at the training leave-one-out 99th percentile: 1% if test images resemble training "
+                           "images); threshold TPR: share of defect pixels above it",
                            "times are wall clock on this machine (see the CPU and load printed with the run); "
                            "peak: resident memory of the process during each phase"]
                     + ([f"{len(empty)} defective test images have masks marking no pixel (as distributed)"] if empty else []))
