@@ -15,7 +15,6 @@ only from a quiet machine.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import signal
 import socket

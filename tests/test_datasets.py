@@ -546,7 +546,8 @@ def test_explicit_mnist_format_is_obeyed(tmp_path: Path) -> None:
 def test_formats_come_from_the_readers() -> None:
     from dn2.datasets import FORMATS, READERS, DatasetReader, get_reader
 
-    assert set(FORMATS) == {"auto", "folder", "zip", "cifar10", "cifar100", "mnist", "fashion-mnist", "idx", "csv"}
+    assert set(FORMATS) == {"auto", "folder", "zip", "cifar10", "cifar100", "mnist", "fashion-mnist", "idx", "csv",
+                            "mtd", "mtd-mixed", "mvtec"}
     names = [r.name for r in READERS]
     assert len(names) == len(set(names)) and all(isinstance(r, DatasetReader) for r in READERS)
     assert names[-1] == "folder"  # the catch-all layout is asked last

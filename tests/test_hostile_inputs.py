@@ -25,7 +25,7 @@ from PIL import Image
 import dn2
 from dn2 import config
 from dn2.datasets import load_dataset
-from dn2.images import BadImageError, FileSource, ZipSource, as_source, open_image, read_file
+from dn2.images import BadImageError, FileSource, ZipSource, as_source, open_image
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux special files and limits")
 

@@ -22,12 +22,14 @@ def test_paper_preset_is_the_papers_method():
 def test_best_preset_is_the_default_and_sets_its_documented_parameters():
     assert DN2().preset == "best"
     assert DN2().method() == PRESETS["best"]
-    assert PRESETS["best"] == Method(backbone="efficientnet_lite0+efficientnet_lite2", k=2, normalize="sqrt_l2")
+    assert PRESETS["best"] == Method(backbone="efficientnet_lite0+efficientnet_lite2", k=2, normalize="sqrt_l2",
+                                     map_backbone="efficientnet_lite2")  # its maps, when asked for: Lite2 alone
 
 
 def test_explicit_parameters_override_the_preset():
     model = DN2(preset="best", backbone="efficientnet_lite0", k=5, normalize="l2", flip=False, stages=(-1,))
-    assert model.method() == Method(backbone="efficientnet_lite0", k=5, normalize="l2", stages=(-1,), flip=False)
+    assert model.method() == Method(backbone="efficientnet_lite0", k=5, normalize="l2", stages=(-1,), flip=False,
+                                    map_backbone="efficientnet_lite2")
     assert DN2(preset="paper", normalize="sqrt_l2").method().normalize == "sqrt_l2"
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import json
 import re
-from dataclasses import asdict
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -60,28 +58,22 @@ def test_overlay_resizes_the_map_shrinks_big_images_and_survives_nan():
         heatmap_overlay(big, np.zeros((2, 3, 4)), 1.0)
 
 
-def _maps_model(model):
-    """``model`` as a model with anomaly maps (issue 13's API), with synthetic maps: high in the middle."""
-
-    class WithMaps(type(model)):
-        def anomaly_map(self, images):
-            return [_square_map(im.height, im.width) for im in images]
-
-    model.__class__ = WithMaps
-    model.method_ = SimpleNamespace(**asdict(model.method_), maps="patchcore")
-    model.pixel_threshold_ = 1.0
-    return model
+def _maps_model(folder, **options):
+    """A small real model with anomaly maps (DN2(maps="spade"))."""
+    return dn2.DN2(preset="paper", maps="spade", map_backbone="efficientnet_lite0", map_size=96, runtime="torch",
+                   progress=False, **options).fit(folder)
 
 
 def test_models_with_maps_get_heat_maps_in_records_service_and_report(image_folders, tmp_path):
     plain = dn2.DN2(preset="paper", progress=False).fit(image_folders["normal"])
     assert not maps_enabled(plain) and anomaly_maps(plain, [Image.new("RGB", (8, 8))]) is None
-    model = _maps_model(dn2.DN2(preset="paper", progress=False).fit(image_folders["normal"]))
+    model = _maps_model(image_folders["normal"])
     assert maps_enabled(model)
     source = dn2.images.as_source(image_folders["test"])
     emb = model.embed(source)
     records = report_records(model, source, emb, explain=2)
     assert all(r["heatmap"].startswith("data:image/png;base64,") for r in records)
+    assert [r["anomaly_score"] for r in records] == pytest.approx(list(model.anomaly_score(source)))
 
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
@@ -96,6 +88,17 @@ def test_models_with_maps_get_heat_maps_in_records_service_and_report(image_fold
         info = client.get("/v1/models").json()["models"][0]
     assert info["maps"] is True
     assert result["heatmap"].startswith("data:image/png;base64,") and result["verdict"] == "anomaly"
+
+
+def test_a_model_with_its_own_image_score_is_judged_by_it_in_records(image_folders):
+    model = _maps_model(image_folders["normal"], image_score="combined")
+    source = dn2.images.as_source(image_folders["test"])
+    records = report_records(model, source, model.embed(source), explain=1)
+    combined = model.anomaly_score(source)
+    assert [r["anomaly_score"] for r in records] == pytest.approx(list(combined), rel=1e-4, abs=1e-4)  # one image a batch
+    assert all(r["threshold"] == pytest.approx(model.threshold_) for r in records)
+    assert model.threshold_ != model.detector.threshold_  # the combined rule has its own threshold
+    assert [r["verdict"] for r in records] == ["anomaly" if s > model.threshold_ else "normal" for s in combined]
 
 
 def test_score_report_shows_sorted_verdicts_thumbnails_and_refuses_to_overwrite(image_folders, tmp_path, capsys):

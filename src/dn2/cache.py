@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 from sklearn.base import clone
 
-from .features import Embedder, Embeddings, backbone_names, resolve_precision
+from .features import Embedder, Embeddings, backbone_names
+from .runtime import resolve_precision
 from . import runtime
 from .images import ImageSource, as_source
 from .modelfile import ModelFileError, read_model, write_model

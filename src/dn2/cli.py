@@ -4,6 +4,7 @@ Examples:
     dn2 fit normal_images/ -o parts.dn2
     dn2 score parts.dn2 new_images/ --csv scores.csv --explain 3
     dn2 serve parts.dn2
+    dn2 fit normal_parts/ -o parts.dn2 --maps spade && dn2 score parts.dn2 new_parts/ --map-dir maps/
     dn2 demo
     dn2 backbones
 """
@@ -22,8 +23,8 @@ from typing import Any, Iterator, Sequence
 from .backbones import DEFAULT_BACKBONE, BackboneWeightsError, list_backbones
 from .bench import PROTOCOLS, embed_dataset, limit_dataset, normalized, run_protocols
 from .bench.report import format_table, write_html, write_table
-from .datasets import FORMATS, describe, load_dataset
-from .settings import PRESETS, Method
+from .datasets import FORMATS, MaskedDataset, describe, load_dataset
+from .settings import IMAGE_SCORES, MAP_METHODS, PRESETS, Method
 from .features import PRECISIONS, RUNTIMES
 from .images import BadImageError
 from .modelfile import ModelFileError
@@ -119,7 +120,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     # Everything that can be wrong is checked before the (long) embedding: output path, parameters, inputs.
     out = check_output_path(args.output, force=args.force, what="model file")
-    stages = tuple(int(v) for v in args.stages.split(",") if v.strip()) if args.stages is not None else None
+    stages = _int_list(args.stages, "--stages")
+    map_stages = _int_list(args.map_stages, "--map-stages")
     model = DN2(
         preset=args.preset,
         backbone=args.backbone,
@@ -141,6 +143,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         skip_bad=args.skip_bad,
         thumbnails=args.thumbnails,
+        maps=args.maps,
+        map_backbone=args.map_backbone,
+        map_size=args.map_size,
+        map_stages=map_stages,
+        map_coreset=args.map_coreset,
+        map_k=args.map_k,
+        image_score=args.image_score,
     )
     model.check_params()
     if args.ray is not None:
@@ -151,11 +160,24 @@ def cmd_fit(args: argparse.Namespace) -> int:
     det = model.detector
     print(
         f"fitted on {len(det.kept_)} of {len(det.train_scores_)} images "
-        f"({len(det.memory_)} embeddings kept), threshold {det.threshold_:.4f}; saved {out}"
+        f"({len(det.memory_)} embeddings kept), threshold {model.threshold_:.4f}; saved {out}"
     )
+    if model.maps_ is not None:
+        print(f"maps: {model.method_.maps}, {len(model.maps_.memory.patches):,} patches kept, "
+              f"pixel threshold {model.pixel_threshold_:.4f}")
     for message in model.skipped_:
         print(f"skipped {message}", file=sys.stderr)
     return EXIT_SKIPPED if model.skipped_ else EXIT_OK
+
+
+def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
+    """'2,-1' -> (2, -1); '' -> (); None -> None (the preset's)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{option} takes integers separated by commas, got {text!r}") from None
 
 
 def _write_csv(path: Path, rows: list[dict[str, str]], force: bool) -> None:
@@ -194,23 +216,39 @@ def cmd_score(args: argparse.Namespace) -> int:
         report_target(args.report, force=args.force)
     if args.explain < 0:
         raise ValueError(f"--explain takes a number of neighbours >= 0, got {args.explain}")
+    map_dir = _map_folder(args.map_dir) if args.map_dir else None
     if args.ray is not None:
         if args.report:
             raise ValueError("--report is made on this machine: score without --ray to write a review page")
+        if map_dir is not None:
+            raise ValueError("--map-dir is made on this machine: score without --ray to write anomaly maps")
         names, scores, neighbours, skipped, threshold = _ray_commands().score(args)
         rows = [_score_row(name, score, neighbours[i] if neighbours is not None else None, threshold)
                 for i, (name, score) in enumerate(zip(names, scores))]
         rows += [_skipped_row(message.split(": ", 1)[0], message) for message in skipped]
     else:
-        model, source, emb = _embed_for_scoring(args)
+        model, source = _load_for_scoring(args)
+        if map_dir is not None and model.maps_ is None:
+            raise ValueError(f"--map-dir: {args.model} was fitted without maps; fit it with --maps spade or --maps patchcore")
+        map_paths = None
+        if map_dir is not None:  # every output checked before any work
+            from .maps.render import output_names, output_paths
+
+            map_dir.mkdir(exist_ok=True)
+            map_paths = output_paths(map_dir, output_names(source.names()), force=args.force)
+        emb = model.embed(source)
         det = model.detector
-        threshold, skipped = det.threshold_, emb.skipped
+        threshold, skipped = model.threshold_, list(emb.skipped)
         scores = det.anomaly_score(emb.vectors) if len(emb.vectors) else []
         neighbours = det.nearest(emb.vectors, args.explain) if args.explain and len(emb.vectors) else None
         rows = [_skipped_row(name, emb.errors[i]) if i in emb.errors else {} for i, name in enumerate(emb.input_names)]
         for row_number, (position, name, score) in enumerate(zip(emb.positions, emb.names, scores)):
             rows[position] = _score_row(name, score, neighbours[row_number] if neighbours is not None else None,
                                         threshold)
+        if model.maps_ is not None and (map_dir is not None or model.method_.image_score != "dn2"):
+            n_maps = _score_maps(model, source, emb, rows, skipped, map_paths, force=args.force)
+            if map_dir is not None:
+                print(f"wrote {n_maps} map overlays and raw maps to {map_dir}")
     width = max([len(r["image"]) for r in rows] + [5])
     print(f"{'image':<{width}}  anomaly_score  verdict  (threshold {threshold:.4f})")
     for r in rows:
@@ -229,15 +267,44 @@ def cmd_score(args: argparse.Namespace) -> int:
         print(f"wrote {csv_path}")
     if args.report:
         records = report_records(model, source, emb, args.explain or REPORT_EXPLAIN)
-        details = [f"model {args.model}: {model.method_.backbone}, k={det.k}, threshold {det.threshold_:.4f}, "
+        details = [f"model {args.model}: {model.method_.backbone}, k={det.k}, threshold {model.threshold_:.4f}, "
                    f"{len(det.memory_)} normal images in memory" + ("" if model.thumbnails_ else " (no thumbnails)")]
         path = write_report(args.report, records, title=Path(args.model).name, details=details, force=args.force)
         print(f"wrote report {path}")
     return EXIT_SKIPPED if skipped else EXIT_OK
 
 
-def _embed_for_scoring(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """Load the model with the caller's run options and embed the images on this machine: (model, source, embeddings)."""
+def _score_maps(model: Any, source: Any, emb: Any, rows: list[dict[str, str]], skipped: list[str],
+                paths: list[tuple[Path, Path]] | None, *, force: bool) -> int:
+    """Make each scored image's anomaly map: its row gets the map's figures (and, with an image score other
+    than "dn2", that score and verdict); with ``paths`` the overlay and raw map are written. Returns the
+    number of maps made. An image read for its embedding but not for its map (``--skip-bad``) is skipped."""
+    from .maps.render import save_map
+
+    threshold, pixel_threshold = model.threshold_, model.pixel_threshold_
+    own_score = model.method_.image_score != "dn2"
+    before, mapped = len(skipped), set()
+    for loc in model.localize(source, skipped, embeddings=emb):
+        heat = loc.map()
+        mapped.add(loc.index)
+        row = rows[loc.index]
+        if own_score:
+            row.update(anomaly_score=f"{loc.image_score:.6f}",
+                       verdict="anomaly" if loc.image_score > threshold else "normal")
+        row.update(image_level_score=f"{loc.dn2_score:.6f}", map_score=f"{loc.map_score:.6f}",
+                   flagged_pixels=f"{float((heat > pixel_threshold).mean()):.6f}")
+        if paths is not None:
+            save_map(paths[loc.index], source.load(loc.index), heat, pixel_threshold, force=force)
+    reasons = {message.split(": ", 1)[0]: message for message in skipped[before:]}
+    for position in emb.positions:
+        if int(position) not in mapped and own_score:  # no map, so no score by the model's rule
+            name = emb.input_names[int(position)]
+            rows[int(position)] = _skipped_row(name, reasons.get(name, f"{name}: no anomaly map"))
+    return len(mapped)
+
+
+def _load_for_scoring(args: argparse.Namespace) -> tuple[Any, Any]:
+    """Load the model with the caller's run options, and list the images to score: (model, source)."""
     from .detector import DN2, load
     from .images import as_source
 
@@ -248,7 +315,17 @@ def _embed_for_scoring(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     if args.precision is not None:
         model.set_params(precision=args.precision)
     source = as_source(_inputs(args.images))
-    return model, source, model.embed(source)
+    return model, source
+
+
+def _map_folder(value: str) -> Path:
+    """The --map-dir folder: an existing folder, or a new one in an existing folder (made when scoring starts)."""
+    folder = Path(value)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--map-dir {folder}: exists and is not a folder")
+    if not folder.exists() and not folder.parent.is_dir():
+        raise ValueError(f"--map-dir {folder}: its parent folder {folder.parent} does not exist")
+    return folder
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -377,10 +454,15 @@ def _command_line(args: argparse.Namespace) -> str:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``dn2 bench``: load, (limit), embed once per backbone, run, print and write tables."""
+    if args.protocol == "localize":
+        return cmd_localize(args)
     total = time.perf_counter()
     if args.k < 1 or args.seeds < 1:
         raise ValueError("--k and --seeds must be at least 1")
-    ds = limit_dataset(load_dataset(args.data, format=args.format), args.max_train_per_class, args.max_test)
+    ds = load_dataset(args.data, format=args.format)
+    if isinstance(ds, MaskedDataset):
+        raise ValueError(f"--data {args.data}: a dataset with defect masks; its protocol is dn2 bench localize")
+    ds = limit_dataset(ds, args.max_train_per_class, args.max_test)
     print(describe(ds))
     names = _backbone_list(args)
     if args.protocol not in ("backbones", "all"):
@@ -406,6 +488,56 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _machine_line() -> str:
+    """CPU features and load, printed beside every timing (timings on shared machines are provisional)."""
+    import os
+
+    from .runtime import cpu_features
+
+    features = cpu_features()
+    names = [name for name in ("avx512_bf16", "amx_bf16", "avx512_vnni", "avx512f", "avx2") if getattr(features, name, False)]
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    return f"machine: {os.cpu_count()} CPUs ({' '.join(names) or 'no AVX2'}); load average {load}"
+
+
+def cmd_localize(args: argparse.Namespace) -> int:
+    """``dn2 bench localize``: anomaly maps of each method x backbone against a dataset's masks."""
+    from .bench.localize import limit_masked, localize
+
+    total = time.perf_counter()
+    methods = [m.strip() for m in (args.maps or "spade").split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(MAP_METHODS))
+    if unknown:
+        raise ValueError(f"--maps takes {', '.join(MAP_METHODS)} (comma-separated), got {', '.join(unknown)}")
+    backbones: list[str | None] = [b.strip() for b in args.backbone.split(",") if b.strip()] if args.backbone else [None]
+    ds = load_dataset(args.data, format=args.format)
+    if not isinstance(ds, MaskedDataset):
+        raise ValueError(f"--data {args.data}: dn2 bench localize needs ground-truth masks (an MVTec AD category, "
+                         f"or Magnetic Tile Defects: --format mvtec, mtd, mtd-mixed)")
+    ds = limit_masked(ds, args.max_train_per_class, args.max_test)
+    print(describe(ds))
+    print(_machine_line())
+    tables, figures = localize(ds, methods, backbones, map_size=args.map_size, weights=args.weights,
+                               map_stages=_int_list(args.map_stages, "--map-stages"),
+                               precision=args.precision, runtime=args.runtime, batch_size=args.batch_size,
+                               num_workers=args.workers, progress=not args.quiet, skip_bad=args.skip_bad)
+    for table in tables:
+        write_table(table, args.out)
+        if not table.name.startswith("scores_"):
+            print()
+            print(format_table(table))
+    for stem, _, png in figures:
+        Path(args.out, f"{stem}.png").write_bytes(png)
+    print(f"\nwrote {len(tables)} table(s) (CSV, markdown) and {len(figures)} example figure(s) to {args.out}")
+    if args.report:
+        preamble = [describe(ds), _machine_line(), f"command: dn2 {' '.join(sys.argv[1:])}"]
+        shown = [t for t in tables if not t.name.startswith("scores_")]
+        index = write_html(shown, args.report, title=f"dn2 bench localize: {ds.name}", preamble=preamble, figures=figures)
+        print(f"wrote report {index}")
+    print(f"total wall time {time.perf_counter() - total:.1f} s")
+    return 0
+
+
 def _add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     """Register ``dn2 bench`` on the ``dn2`` command's subparsers."""
     p = sub.add_parser(
@@ -413,7 +545,9 @@ def _add_bench_parser(sub: Any) -> argparse.ArgumentParser:
         description="Run the DN2 paper's protocols on a labelled dataset (class folders, zip, CIFAR, idx, CSV); "
                     "writes <protocol>.csv/.md/.png to --out. Example: dn2 bench unimodal --data cifar10.zip",
     )
-    p.add_argument("protocol", choices=[*PROTOCOLS, "all"], help="which protocol (all: every one)")
+    p.add_argument("protocol", choices=[*PROTOCOLS, "all", "localize"],
+                   help="which protocol (all: every one; localize: anomaly maps against the masks of an MVTec AD "
+                        "category or Magnetic Tile Defects)")
     p.add_argument("--data", required=True, help="dataset: class folders (train/ test/), zip, CIFAR/MNIST files, CSV manifest")
     p.add_argument("--format", choices=FORMATS, default="auto", help="dataset format (default: detect)")
     p.add_argument("--backbone", default=None,
@@ -429,6 +563,11 @@ def _add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="embedding cache directory (default $DN2_CACHE or ~/.cache/dn2/embeddings)")
     p.add_argument("--max-train-per-class", type=int, default=None, metavar="N", help="use at most N random training images per class")
     p.add_argument("--max-test", type=int, default=None, metavar="N", help="use at most N random test images")
+    p.add_argument("--maps", default=None, help="localize: map methods, comma-separated (spade, patchcore; default spade); "
+                   "--backbone then names the maps' backbones (default: the best preset's)")
+    p.add_argument("--map-size", type=int, default=None, help="localize: images squashed to this size for the maps (default 224)")
+    p.add_argument("--map-stages", default=None, metavar="I,J", help="localize: stages of the patch features (default -3,-2)")
+    p.add_argument("--weights", default=None, help="localize: local backbone weights file, or 'random' (tests)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="inference precision (default: auto)")
     p.add_argument("--runtime", choices=RUNTIMES, default="auto", help="inference runtime (default: auto)")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the runtime's fastest)")
@@ -470,6 +609,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thumbnails", type=int, nargs="?", const=96, default=None, metavar="PX",
                    help="keep a small JPEG of each training image in the model file (long side PX, default 96), "
                         "shown beside verdicts by dn2 serve and dn2 score --report")
+    p.add_argument("--maps", choices=MAP_METHODS, default=None,
+                   help="also make anomaly maps: spade (nearest patches among the K nearest training images; the "
+                        "measured best) or patchcore (one coreset bank of all training patches)")
+    p.add_argument("--map-backbone", default=None, help="backbone of the patch features (preset best: efficientnet_lite2)")
+    p.add_argument("--map-size", type=int, default=None, help="images squashed to this square size for the maps (default 224)")
+    p.add_argument("--map-stages", default=None, metavar="I,J", help="stages of the patch features (default -3,-2: stride 8 and 16)")
+    p.add_argument("--map-coreset", type=float, default=None,
+                   help="share of the patches kept (default: spade 0.25 of each image's, patchcore 0.1 of all)")
+    p.add_argument("--map-k", type=int, default=None, help="spade: nearest training images searched (default 10)")
+    p.add_argument("--image-score", choices=IMAGE_SCORES, default=None,
+                   help="with maps, the image score: dn2 (default: image-level, unchanged), combined (image-level + map, "
+                        "better on defects in parts and textures) or map")
     p.add_argument("--force", action="store_true", help="overwrite an existing model file")
     _add_runtime_options(p)
     _add_ray_options(p, fit=True)
@@ -483,7 +634,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, metavar="DIR",
                    help=f"also write a self-contained review page, DIR/index.html: images by score, verdicts, nearest "
                         f"normals (--explain N, default {REPORT_EXPLAIN}), heat maps where the model has them")
-    p.add_argument("--force", action="store_true", help="overwrite an existing CSV file or report")
+    p.add_argument("--map-dir", default=None, metavar="DIR",
+                   help="write each image's anomaly map here (model fitted with --maps): <name>.overlay.png (heat map "
+                        "over the image, predicted defects outlined) and <name>.map.npy (the raw float32 map)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing CSV file, report or map files")
     _add_runtime_options(p, scoring=True)
     _add_ray_options(p)
     p.set_defaults(func=cmd_score)

@@ -27,7 +27,7 @@ import os
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator, OutlierMixin
@@ -39,12 +39,13 @@ from .backbones import backbone_status
 from .base import ThresholdedScores
 from .features import Embedder, Embeddings, backbone_names
 from .images import as_source
+from .maps import Localization, MapModel, PatchNet, fit_maps, load_patch_nets
 from .modelfile import ModelFileError, read_model_file, write_model
 from .normalize import NORMALIZATIONS, EmbeddingTransform, make_transform, transform_from_state
 from .params import Constraint, InstanceOf, Interval, Options, Predicate, TupleOf, validate
 from .runtime import RUNTIMES, resolve_precision
 from .search import INDEX_KINDS, kmeans, knn_score, make_index, restore_index
-from .settings import PRECISION_CHOICES, PRESETS, Method, method_for
+from .settings import MAP_SETTINGS, PRECISION_CHOICES, PRESETS, Method, method_for
 from .thumbnails import MAX_SIZE as MAX_THUMBNAIL, MIN_SIZE as MIN_THUMBNAIL, Thumbnails, thumbnails_of
 
 __all__ = ["DN2", "KNNDetector", "Neighbours", "clean_training_set", "load"]
@@ -384,6 +385,11 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
     ``thumbnails=96`` also keeps a small JPEG (long side in pixels) of each memory image in
     ``thumbnails_`` and the model file (:mod:`dn2.thumbnails`), so that a verdict's nearest normal
     images can be shown where the training images are not at hand (``dn2 serve``, ``--report``).
+    ``maps="spade"`` or ``"patchcore"`` also makes anomaly maps (:mod:`dn2.maps`): ``anomaly_map``,
+    ``predict_mask``, ``pixel_threshold_``; the settings ``map_backbone``, ``map_size``,
+    ``map_stages``, ``map_coreset``, ``map_k`` and ``image_score`` are those of
+    :class:`dn2.settings.Method` (``None``: the preset's). The image score stays the image-level DN2
+    score unless ``image_score`` says otherwise ("combined" for defect data).
 
     Example:
         >>> from dn2 import DN2
@@ -391,6 +397,7 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         >>> model.anomaly_score(["new.jpg"])         # doctest: +SKIP
         >>> model.predict(["new.jpg"])                # +1 normal, -1 anomaly  # doctest: +SKIP
         >>> model.save("parts.dn2")                   # doctest: +SKIP
+        >>> maps = DN2(maps="spade").fit("normal_images/").anomaly_map(["new.jpg"])  # doctest: +SKIP
     """
 
     parameter_constraints: ClassVar[dict[str, list[Constraint | None]]] = {
@@ -409,6 +416,8 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         "skip_bad": [InstanceOf(bool)],
         "runtime": [Options(RUNTIMES)],
         "thumbnails": [Interval(int, MIN_THUMBNAIL, MAX_THUMBNAIL), None],
+        # the map settings of Method, each also None (= the preset's)
+        **{name: [c for c in Method.constraints[name] if c is not None] + [None] for name in MAP_SETTINGS},
     }
 
     def __init__(
@@ -435,6 +444,13 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         flip: bool | None = None,
         novelty: bool = True,
         thumbnails: int | None = None,
+        maps: str | None = None,
+        map_backbone: str | None = None,
+        map_size: int | None = None,
+        map_stages: tuple[int, ...] | None = None,
+        map_coreset: float | None = None,
+        map_k: int | None = None,
+        image_score: str | None = None,
     ):
         self.backbone = backbone
         self.weights = weights
@@ -458,13 +474,22 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         self.flip = flip
         self.novelty = novelty
         self.thumbnails = thumbnails
+        self.maps = maps
+        self.map_backbone = map_backbone
+        self.map_size = map_size
+        self.map_stages = map_stages
+        self.map_coreset = map_coreset
+        self.map_k = map_k
+        self.image_score = image_score
 
     def method(self) -> Method:
         """The preset's method settings with the explicitly given parameters laid over them."""
         validate("DN2", {"preset": self.preset}, {"preset": self.parameter_constraints["preset"]})
         stages = tuple(self.stages) if self.stages is not None else None
+        map_stages = tuple(self.map_stages) if self.map_stages is not None else None
         return method_for(self.preset, backbone=self.backbone, k=self.k, normalize=self.normalize, stages=stages,
-                          flip=self.flip, precision=self.precision)
+                          flip=self.flip, precision=self.precision, map_stages=map_stages,
+                          **{name: getattr(self, name) for name in MAP_SETTINGS if name != "map_stages"})
 
     def method_params(self) -> dict[str, Any]:
         """:meth:`method` as a dict."""
@@ -473,9 +498,16 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
     def check_params(self) -> None:
         """Check every parameter, the method and the detector's index parameters: before any image is embedded."""
         validate("DN2", self.get_params(), self.parameter_constraints)
-        self._make_detector(self.method()).check_params()
+        method = self.method()
+        self._make_detector(method).check_params()
         if self.thumbnails and self.n_centres is not None:
             raise ValueError("thumbnails show memory images; with n_centres the memory holds k-means centres instead")
+        if method.maps == "spade" and self.n_centres is not None:
+            raise ValueError("DN2: maps='spade' finds each image's nearest training images, which n_centres "
+                             "replaces by k-means centres: use maps='patchcore' or drop n_centres")
+        if method.image_score != "dn2" and not self.novelty:
+            raise ValueError(f"DN2: novelty=False labels training images by their image-level leave-one-out "
+                             f"scores; it needs image_score='dn2', got {method.image_score!r}")
 
     def _run_options(self) -> dict[str, Any]:
         """How the embedder runs (not what it computes)."""
@@ -494,7 +526,7 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         """Embed the normal training images and index them."""
         self.check_params()
         method = self.method()
-        self.method_ = replace(method, precision=resolve_precision(method.extraction_precision(), self.runtime))
+        self.method_ = method.fitted(resolve_precision(method.extraction_precision(), self.runtime))
         self.embedder_ = self._make_embedder(self.method_).fit()
         source = as_source(X)
         train = self.embedder_.embed(source)
@@ -503,11 +535,31 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         blocks = self.embedder_.part_dims()
         self.detector_ = self._make_detector(self.method_).set_params(blocks=tuple(blocks) if len(blocks) > 1 else None)
         self.detector_.fit(train.vectors, names=train.names)
-        self.skipped_ = train.skipped
+        self.skipped_ = list(train.skipped)
         # thumbnails_: dn2.thumbnails.Thumbnails of the memory images (row i = memory row i), or None
         self.thumbnails_ = (thumbnails_of(source, train.positions[self.detector_.kept_], self.thumbnails)
                             if self.thumbnails else None)
+        self.maps_ = self._fit_maps(source, train) if self.method_.maps else None
         return self
+
+    def _fit_maps(self, source: Any, train: Embeddings) -> MapModel:
+        """The maps of the kept training images (the image-level detector is fitted: it chose them)."""
+        m, det = self.method_, self.detector_
+        positions = train.positions[det.kept_]
+        spade = m.maps == "spade"
+        return fit_maps(self._patch_nets(), source, positions, method=m.maps, fraction=m.map_coreset, k=m.map_k,
+                        image_score=m.image_score, image_index=det.index_ if spade else None,
+                        image_memory=det.memory_ if spade else None, dn2_loo=det.train_scores_[det.kept_],
+                        rate=self.fpr if self.contamination is None else self.contamination, index=self.index,
+                        index_params=self.index_params, skipped=self.skipped_, **self._map_run_options())
+
+    def _patch_nets(self) -> list[PatchNet]:
+        m = self.method_
+        return load_patch_nets(m.map_backbone, self.weights, m.map_stages, m.map_size)
+
+    def _map_run_options(self) -> dict[str, Any]:
+        return dict(runtime=self.runtime, precision=self._scoring_precision(), batch_size=self.batch_size,
+                    num_workers=self.num_workers, progress=self.progress, skip_bad=self.skip_bad)
 
     def _scoring_precision(self) -> str:
         """The fitted precision, unless the caller explicitly chose another one (with a warning)."""
@@ -531,11 +583,27 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
 
     @property
     def threshold_(self) -> float:
+        """The image threshold: the image-level detector's, or with ``image_score`` "map"/"combined" the maps'."""
+        maps = getattr(self, "maps_", None)
+        if maps is not None and maps.image_threshold is not None:
+            return maps.image_threshold
         return self.detector.threshold_
 
     @property
     def offset_(self) -> float:
-        return self.detector.offset_
+        return -self.threshold_
+
+    @property
+    def pixel_threshold_(self) -> float:
+        """Map values above it are flagged by :meth:`predict_mask` (set without labels: see :mod:`dn2.maps`)."""
+        return self._fitted_maps().pixel_threshold
+
+    def _fitted_maps(self) -> MapModel:
+        self._check_fitted()
+        if getattr(self, "maps_", None) is None:
+            raise ValueError("this model was fitted without maps: fit it with maps='spade' or 'patchcore' "
+                             "(dn2 fit --maps spade|patchcore)")
+        return self.maps_
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "detector_"):
@@ -546,13 +614,57 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         return self.embedder.embed(X)
 
     def anomaly_score(self, X: Any) -> np.ndarray:
-        """The paper's d(y) per image: mean distance to the k nearest normal training images.
+        """The paper's d(y) per image: mean distance to the k nearest normal training images (with
+        ``image_score`` "map" or "combined": that score, see :class:`dn2.settings.Method`).
 
         One score per input, in input order; an image skipped as unreadable (``skip_bad=True``)
         gets NaN (and ``predict`` gives it 0), so scores never shift onto the wrong images.
         """
-        emb = self.embed(X)
-        return emb.aligned(self.detector.anomaly_score(emb.vectors) if len(emb.vectors) else np.empty(0))
+        maps = getattr(self, "maps_", None)
+        source = as_source(X)
+        emb = self.embed(source)
+        if maps is None or maps.image_score == "dn2":
+            return emb.aligned(self.detector.anomaly_score(emb.vectors) if len(emb.vectors) else np.empty(0))
+        scores = np.full(emb.n_inputs, np.nan)
+        for r in self.localize(source, embeddings=emb):
+            scores[r.index] = r.image_score
+        return scores
+
+    def localize(self, X: Any, skipped: list[str] | None = None, embeddings: Embeddings | None = None) -> Iterator[Localization]:
+        """Score the images with their maps, one at a time (memory: one batch, whatever the number of images).
+
+        Yields a :class:`dn2.maps.Localization` per image read: name, image score, image-level score,
+        the map's score, ``.map()`` at the image's original size and ``index``, its position in the
+        input. With ``skip_bad``, unreadable images are left out and their messages appended to
+        ``skipped``. ``embeddings``: :meth:`embed` of the same images, if already made.
+        """
+        maps = self._fitted_maps()
+        source = as_source(X)
+        emb = self.embed(source) if embeddings is None else embeddings
+        if skipped is not None and embeddings is None:
+            skipped.extend(emb.skipped)
+        if not len(emb.vectors):
+            return
+        det = self.detector
+        dn2_scores = det.anomaly_score(emb.vectors)
+        queries = det.normalizer_.transform(emb.vectors) if self.method_.maps == "spade" else None
+        yield from maps.score(source, names=emb.names, dn2_scores=dn2_scores, indices=emb.positions,
+                              image_index=det.index_, embeddings=queries, skipped=skipped, **self._map_run_options())
+
+    def anomaly_map(self, X: Any) -> list[np.ndarray | None]:
+        """One float32 anomaly map per input, each of that image's original (H, W): the distance of each
+        location's patch to its nearest normal patch, upsampled and smoothed (see :mod:`dn2.maps`).
+        An image skipped as unreadable (``skip_bad=True``) keeps its place as ``None``."""
+        source = as_source(X)
+        maps: list[np.ndarray | None] = [None] * len(source)
+        for r in self.localize(source):
+            maps[r.index] = r.map()
+        return maps
+
+    def predict_mask(self, X: Any) -> list[np.ndarray | None]:
+        """One boolean (H, W) mask per input: map values above ``pixel_threshold_`` (``None`` where skipped)."""
+        threshold = self.pixel_threshold_
+        return [None if m is None else m > threshold for m in self.anomaly_map(X)]
 
     @available_if(_novelty_off)
     def fit_predict(self, X: Any, y: Any = None) -> np.ndarray:
@@ -583,6 +695,9 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         if getattr(self, "thumbnails_", None) is not None:
             meta["thumbnails"], thumbnail_tensors = self.thumbnails_.to_state()
             tensors = {**tensors, **thumbnail_tensors}
+        if getattr(self, "maps_", None) is not None:  # written only with maps: image-level files are unchanged
+            meta["maps"], map_tensors = self.maps_.to_state()
+            tensors.update(map_tensors)
         return write_model(path, meta, tensors, force=force)
 
 
@@ -649,7 +764,8 @@ def load(path: str | os.PathLike, *, weights: str | os.PathLike | None = None, a
     params = {name: getattr(detector, name) for name in _DETECTOR_PARAMS}
     model = DN2(preset=preset, backbone=method.backbone, k=method.k, normalize=method.normalize, stages=method.stages,
                 flip=method.flip, precision=method.precision, weights=weights, **params, **run_options,
-                thumbnails=thumbnails.size if thumbnails else None)
+                thumbnails=thumbnails.size if thumbnails else None,
+                **{name: getattr(method, name) for name in MAP_SETTINGS})
     model.check_params()
     model.method_ = replace(method, precision=resolve_precision(method.extraction_precision(), model.runtime))
     model.embedder_ = model._make_embedder(model.method_).fit()
@@ -661,6 +777,19 @@ def load(path: str | os.PathLike, *, weights: str | os.PathLike | None = None, a
             f"(stored vs loaded: {diff}); pass the original weights with weights=FILE / --weights FILE"
         )
     model.detector_ = detector
+    model.maps_ = None
+    if method.maps is not None:
+        if not isinstance(header.get("maps"), dict):
+            raise ModelFileError(path, "invalid model header: the method has maps but the file has no maps part")
+        try:
+            model.maps_ = MapModel.from_state(header["maps"], tensors, model._patch_nets(), k=method.map_k,
+                                              image_score=method.image_score)
+        except (ValueError, TypeError) as e:
+            raise ModelFileError(path, f"invalid maps: {e}") from None
+        if model.maps_.n_images != len(detector.kept_):
+            raise ModelFileError(path, f"invalid maps: {model.maps_.n_images} images, the detector kept {len(detector.kept_)}")
+    elif "maps" in header:
+        raise ModelFileError(path, "invalid model header: a maps part without maps in the method")
     model.skipped_ = []
     model.thumbnails_ = thumbnails
     model.file_info_ = {"format_version": model_file.format_version, "dn2_version": model_file.dn2_version,

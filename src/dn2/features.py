@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .backbones import DEFAULT_BACKBONE, Backbone, Preprocessing, load_backbone
 from .images import BadImageError, ImageSource, as_source, resize_and_crop
 from .runtime import PRECISIONS, RUNTIMES, cpu_supports_bf16  # noqa: F401 - re-exported (cli, bench)
-from .runtime import get_runner, resolve_precision, resolve_runtime  # resolve_precision: re-exported (cache)
+from .runtime import get_runner, resolve_runtime  # resolve_precision: re-exported (cache)
 
 logger = logging.getLogger(__name__)
 
@@ -159,14 +159,19 @@ def _worker_init(_: int) -> None:
 
 
 def _batches(source: ImageSource, pre: Preprocessing, batch_size: int, num_workers: int) -> Iterator[Any]:
-    """Batches of (uint8 crops, indices, error messages), decoded in ``num_workers`` forked processes.
+    """Batches of (uint8 crops, indices, error messages), decoded in ``num_workers`` forked processes."""
+    return load_batches(CropDataset(source, pre), batch_size, num_workers)
+
+
+def load_batches(dataset: Dataset, batch_size: int, num_workers: int) -> Iterator[Any]:
+    """Batches of a dataset of decoded images (e.g. :class:`CropDataset`), made in ``num_workers`` forked processes.
 
     The objects alive at the fork are frozen out of the garbage collector (``gc.freeze``) while the
     workers start: otherwise a worker's collector may destroy garbage inherited from the parent, and
     an OpenVINO compiled model destroyed in a forked child waits forever for its (absent) threads.
     """
     loader = DataLoader(
-        CropDataset(source, pre),
+        dataset,
         batch_size=batch_size,
         num_workers=num_workers,
         worker_init_fn=_worker_init if num_workers else None,

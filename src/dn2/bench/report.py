@@ -180,9 +180,11 @@ def write_table(table: Table, out_dir: str | os.PathLike) -> list[Path]:
     return written
 
 
-def write_html(tables: Sequence[Table], report_dir: str | os.PathLike, title: str = "dn2 bench", preamble: Sequence[str] = ()) -> Path:
+def write_html(tables: Sequence[Table], report_dir: str | os.PathLike, title: str = "dn2 bench", preamble: Sequence[str] = (),
+               figures: Sequence[tuple[str, str, bytes]] = ()) -> Path:
     """A self-contained ``index.html`` (plots inlined as base64 PNG) plus every table's CSV/markdown/PNG
-    and a combined ``report.md``, all in ``report_dir``."""
+    and a combined ``report.md``, all in ``report_dir``. ``figures``: more PNG images (file stem, title,
+    PNG bytes), written beside the tables and shown after them."""
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     parts = [
@@ -209,6 +211,12 @@ def write_html(tables: Sequence[Table], report_dir: str | os.PathLike, title: st
         if png:
             data = base64.b64encode(png.read_bytes()).decode("ascii")
             parts.append(f'<p><img src="data:image/png;base64,{data}" alt="{html.escape(table.title)}"></p>')
+    for stem, caption, png_bytes in figures:
+        (report_dir / f"{stem}.png").write_bytes(png_bytes)
+        markdown.append(f"## {caption}\n\n![{caption}]({stem}.png)\n")
+        data = base64.b64encode(png_bytes).decode("ascii")
+        parts.append(f'<h2>{html.escape(caption)}</h2><p><img src="data:image/png;base64,{data}" '
+                     f'alt="{html.escape(caption)}" style="max-width:100%"></p>')
     parts.append("</body></html>")
     (report_dir / "report.md").write_text("\n".join(markdown))
     index = report_dir / "index.html"

@@ -17,7 +17,10 @@ one reader each in :data:`READERS`:
   them), read with a restricted unpickler that cannot run code;
 - ``"mnist"`` / ``"fashion-mnist"``: the idx files, raw or gzipped; ``"idx"`` (what detection
   finds) tells the two apart by the dataset's folder names;
-- ``"csv"``: a manifest ``path,label[,split]``.
+- ``"csv"``: a manifest ``path,label[,split]``;
+- ``"mvtec"`` (an MVTec AD category) and ``"mtd"`` / ``"mtd-mixed"`` (Magnetic Tile Defects, zip or
+  folder): localisation datasets, a :class:`MaskedDataset` whose test images have ground-truth masks
+  (:class:`MaskSource`), for ``dn2 bench localize``.
 
 Nothing here downloads anything: benchmarks run on files the user already has.
 
@@ -29,11 +32,14 @@ Example:
 """
 
 from .cifar import CIFAR10_DIR, CIFAR10_TRAIN_FILES, CIFAR100_DIR, Cifar10Reader, Cifar100Reader
-from .core import DatasetReader, LabelledDataset, LoadOptions, Split, SubsetSource, describe, split_by_seed, subset
+from .core import (DatasetReader, LabelledDataset, LoadOptions, MaskedDataset, MaskSource, Split, SubsetSource, decode_mask,
+                   describe, split_by_seed, subset)
 from .folders import FolderReader, ZipReader
 from .idx import FASHION_MNIST_CLASSES, IDX_FILES, MNIST_CLASSES, IdxReader, read_idx
 from .layout import ClassLayout, class_layout
 from .manifest import CsvReader
+from .mtd import MtdReader, mtd_layout
+from .mvtec import MvtecReader
 from .registry import FORMATS, READERS, detect_reader, get_reader, load_dataset
 
 __all__ = [
@@ -54,14 +60,20 @@ __all__ = [
     "IdxReader",
     "LabelledDataset",
     "LoadOptions",
+    "MaskSource",
+    "MaskedDataset",
+    "MtdReader",
+    "MvtecReader",
     "Split",
     "SubsetSource",
     "ZipReader",
     "class_layout",
+    "decode_mask",
     "describe",
     "detect_reader",
     "get_reader",
     "load_dataset",
+    "mtd_layout",
     "read_idx",
     "split_by_seed",
     "subset",

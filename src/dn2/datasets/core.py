@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import os
+import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
 
-from ..images import ImageSource, printable
+from ..config import image_memory_bytes
+from ..images import ImageSource, ZipArchive, printable, read_file
 
 __all__ = [
     "DatasetReader",
     "LabelledDataset",
     "LoadOptions",
+    "MaskSource",
+    "MaskedDataset",
     "Split",
     "SubsetSource",
     "check_not_empty",
+    "decode_mask",
     "describe",
     "split_by_seed",
     "subset",
@@ -50,6 +57,98 @@ class LabelledDataset:
     classes: list[str]
     train: Split
     test: Split
+
+
+def decode_mask(data: bytes, name: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A ground-truth mask file's bytes -> (H, W) bool, defect where the value is > 127 (or set, in mode "1").
+
+    The mask must be a one-channel image (mode "1" or "L"), of ``size`` (H, W) when given, and within
+    ``dn2.config`` ``image_memory``; every problem is a ``ValueError`` naming the file.
+
+    Example:
+        >>> buf = io.BytesIO(); Image.new("L", (3, 2), 255).save(buf, "PNG")
+        >>> decode_mask(buf.getvalue(), "m.png").tolist()
+        [[True, True, True], [True, True, True]]
+        >>> decode_mask(buf.getvalue(), "m.png", size=(3, 3))
+        Traceback (most recent call last):
+        ...
+        ValueError: mask m.png is 2 x 3 (H x W), its image is 3 x 3
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+        if im.mode not in ("1", "L"):
+            raise ValueError(f"mask {name} must be a one-channel image (mode 1 or L), got mode {im.mode}")
+        if im.width * im.height * 2 > image_memory_bytes():
+            raise ValueError(f"mask {name}: {im.width} x {im.height} pixels exceed dn2.config image_memory")
+        if size is not None and (im.height, im.width) != tuple(size):
+            raise ValueError(f"mask {name} is {im.height} x {im.width} (H x W), its image is {size[0]} x {size[1]}")
+        pixels = np.asarray(im)
+    except ValueError:
+        raise
+    except Exception as e:  # Pillow's many errors for what is not a readable image
+        raise ValueError(f"mask {name} cannot be read ({type(e).__name__}: {e})") from None
+    return pixels if im.mode == "1" else pixels > 127
+
+
+class MaskSource:
+    """The ground-truth masks of a test split, read on demand: ``load(i, size)`` -> (H, W) bool.
+
+    ``files[i]`` is the mask of test image i (a path, or a member of ``archive``), or None for a normal
+    image, whose mask is all False. ``name(i)`` names the mask file (for errors). A defect mask that
+    marks no pixel is an error unless ``allow_empty`` (a dataset known to ship such masks says so).
+    """
+
+    def __init__(self, files: Sequence[str | os.PathLike | None], archive: str | os.PathLike | None = None,
+                 allow_empty: bool = False):
+        self.files = list(files)
+        self.archive = Path(archive) if archive is not None else None
+        self.allow_empty = allow_empty
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def name(self, i: int) -> str | None:
+        f = self.files[i]
+        if f is None:
+            return None
+        return f"{printable(self.archive)}:{printable(f)}" if self.archive is not None else printable(f)
+
+    def load(self, i: int, size: tuple[int, int] | None) -> np.ndarray:
+        """The mask of test image ``i`` whose size is ``size`` (H, W; None: not checked); a defect mask must
+        mark some pixel. A normal image's mask is all False (of ``size``, or 0 x 0 without it)."""
+        f = self.files[i]
+        if f is None:
+            return np.zeros(size or (0, 0), dtype=bool)
+        name = self.name(i)
+        try:
+            if self.archive is not None:
+                with ZipArchive(self.archive) as archive:
+                    data = archive.read(str(f))
+            else:
+                data = read_file(f, name)
+        except Exception as e:  # BadImageError: missing, too large, not a regular file...
+            raise ValueError(f"mask {name} cannot be read: {e}") from None
+        mask = decode_mask(data, name, size)
+        if not mask.any() and not self.allow_empty:
+            raise ValueError(f"mask {name} marks no defect pixel, but its image is labelled defective")
+        return mask
+
+
+@dataclass
+class MaskedDataset(LabelledDataset):
+    """A labelled dataset for localisation: class ``normal`` (0) is defect-free, the others are defect
+    types; every training image is normal; ``masks[i]`` is the ground truth of test image ``i``."""
+
+    masks: MaskSource = field(default_factory=lambda: MaskSource([]))
+    normal: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.masks) != len(self.test):
+            raise ValueError(f"{self.name}: {len(self.masks)} masks for {len(self.test)} test images")
+        if (self.train.labels != self.normal).any():
+            raise ValueError(f"{self.name}: training images must all be of the normal class {self.classes[self.normal]!r}")
 
 
 @dataclass(frozen=True)

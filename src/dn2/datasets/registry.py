@@ -11,6 +11,8 @@ from .core import DatasetReader, LabelledDataset, LoadOptions
 from .folders import FolderReader, ZipReader
 from .idx import IdxReader
 from .manifest import CsvReader
+from .mtd import MtdReader
+from .mvtec import MvtecReader
 
 __all__ = ["FORMATS", "READERS", "detect_reader", "get_reader", "load_dataset"]
 
@@ -20,6 +22,9 @@ __all__ = ["FORMATS", "READERS", "detect_reader", "get_reader", "load_dataset"]
 #: entry here.
 READERS: list[DatasetReader] = [
     CsvReader(),
+    MtdReader("mtd"),  # before the zip and folder readers, which would take it for class folders
+    MtdReader("mtd-mixed", mixed=True),  # the sensitivity split, never detected
+    MvtecReader(),
     ZipReader(),
     Cifar10Reader(),
     Cifar100Reader(),

@@ -18,11 +18,12 @@ Example:
 from .assets import ASSETS, asset, media_type
 from .overlay import heatmap_overlay
 from .report import report_records, report_target, write_report
-from .results import Verdicts, anomaly_maps, data_url, error_record, judge, maps_enabled, overlay_url, record
+from .results import MapResults, Verdicts, anomaly_maps, data_url, error_record, judge, maps_enabled, overlay_url, record
 
 __all__ = [
     "ASSETS",
     "Verdicts",
+    "MapResults",
     "anomaly_maps",
     "asset",
     "data_url",

@@ -128,7 +128,9 @@ def report_records(model: Any, source: ImageSource, embeddings: Embeddings, expl
         i = by_position[position]
         image = source.load(position)
         amaps = anomaly_maps(model, [image])
-        heatmap = overlay_url(model, image, amaps[0]) if amaps else None
+        heatmap = overlay_url(model, image, amaps.maps[0]) if amaps else None
+        if amaps is not None:
+            verdicts = amaps.apply(verdicts, i)
         rec = record(embeddings.names[i], verdicts, i, detector, thumbnail=thumbnail, heatmap=heatmap)
         rec["image"] = data_url(make_thumbnail(image, QUERY_SIZE), "image/jpeg")
         out.append(rec)

@@ -26,7 +26,7 @@ Example:
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -34,7 +34,7 @@ from PIL import Image
 
 from .overlay import heatmap_overlay
 
-__all__ = ["Verdicts", "anomaly_maps", "data_url", "error_record", "judge", "maps_enabled", "overlay_url", "record"]
+__all__ = ["MapResults", "Verdicts", "anomaly_maps", "data_url", "error_record", "judge", "maps_enabled", "overlay_url", "record"]
 
 
 @dataclass
@@ -83,11 +83,36 @@ def maps_enabled(model: Any) -> bool:
     return getattr(getattr(model, "method_", None), "maps", None) is not None
 
 
-def anomaly_maps(model: Any, images: Sequence[Image.Image]) -> list[np.ndarray] | None:
-    """``model.anomaly_map(images)`` (float32 (H, W) each), or ``None`` when the model makes no maps."""
+@dataclass
+class MapResults:
+    """Anomaly maps of a batch of images (float32 (H, W) each) and, for a model whose image score is not
+    the image-level one (``image_score`` "map" or "combined"), those scores and their threshold."""
+
+    maps: list[np.ndarray]
+    image_scores: np.ndarray | None = None
+    threshold: float | None = None
+
+    def apply(self, verdicts: Verdicts, start: int = 0) -> Verdicts:
+        """``verdicts`` with rows ``start`` .. ``start + len(maps)`` judged by the model's own image score."""
+        if self.image_scores is None:
+            return verdicts
+        scores = verdicts.scores.copy()
+        scores[start:start + len(self.maps)] = self.image_scores
+        return replace(verdicts, scores=scores, threshold=float(self.threshold))
+
+
+def anomaly_maps(model: Any, images: Sequence[Image.Image], embeddings: Any = None) -> MapResults | None:
+    """The maps of ``images`` by ``model.localize`` (``embeddings``: ``model.embed(images)`` if already
+    made), or ``None`` when the model makes no maps."""
     if not maps_enabled(model) or not images:
         return None
-    return list(model.anomaly_map(list(images)))
+    results = list(model.localize(list(images), embeddings=embeddings))
+    if len(results) != len(images):
+        raise ValueError(f"{len(images) - len(results)} of {len(images)} images could not be read for their maps")
+    own = model.method_.image_score != "dn2"
+    return MapResults([r.map() for r in results],
+                      np.array([r.image_score for r in results], np.float64) if own else None,
+                      float(model.threshold_) if own else None)
 
 
 def overlay_url(model: Any, image: Image.Image, amap: np.ndarray) -> str:

@@ -52,7 +52,12 @@ def bf16_parts(backbone: nn.Module) -> list[tuple[str, list[nn.Module]]] | None:
     convolution block and the global pooling (EfficientNet: conv_head, bn2, pooling; ResNet: the last
     block of layer4, pooling); middle: the rest. None for networks of another structure or with extra
     ``stages`` (hooks), which then run in bf16 with only :func:`fp32_modules`' structural guard.
+    A network that knows its own pieces says so with a ``bf16_parts()`` method (e.g. the patch-feature
+    network of :mod:`dn2.maps.patches`, whose early piece is its backbone's); that answer is used.
     """
+    own = getattr(backbone, "bf16_parts", None)
+    if callable(own):
+        return own()
     body = getattr(backbone, "body", backbone)
     if getattr(backbone, "stages", ()):
         return None

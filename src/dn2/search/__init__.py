@@ -1,4 +1,5 @@
-"""Nearest-neighbour search for DN2: exact tiled kNN (torch), dn2's batched IVF, FAISS indexes, k-means.
+"""Nearest-neighbour search for DN2: exact tiled kNN (torch), dn2's batched IVF, FAISS indexes, k-means,
+and the greedy k-center coreset of a memory bank.
 
 All arrays are float32; every distance returned is Euclidean (never squared). Every index kind
 satisfies the :class:`Index` protocol and is made by :func:`make_index` from the registry
@@ -24,7 +25,7 @@ Example:
 """
 
 from .base import Index, Param, ParameterError, check_params
-from .cluster import kmeans
+from .cluster import CORESET_PROJECTION_DIM, StreamingCoreset, kcenter_greedy, kmeans, random_projection
 from .exact import ExactIndex, knn, pairwise_distances, screening_precision
 from .faiss_index import FaissIndex
 from .ivf import IvfIndex, default_nlist
@@ -33,7 +34,8 @@ from .registry import INDEX_KINDS, REGISTRY, IndexKind, make_index, restore_inde
 from .scores import knn_score, recall_at_k
 
 __all__ = [
-    "INDEX_KINDS", "REGISTRY", "SCREENING_PRECISIONS", "ExactIndex", "FaissIndex", "Index", "IndexKind", "IvfIndex",
-    "Param", "ParameterError", "check_params", "default_nlist", "kmeans", "knn", "knn_score", "make_index",
-    "pairwise_distances", "recall_at_k", "restore_index", "screening_precision",
+    "CORESET_PROJECTION_DIM", "INDEX_KINDS", "REGISTRY", "SCREENING_PRECISIONS", "ExactIndex", "FaissIndex", "Index",
+    "IndexKind", "IvfIndex", "Param", "ParameterError", "StreamingCoreset", "check_params", "default_nlist",
+    "kcenter_greedy", "kmeans", "knn", "knn_score", "make_index", "random_projection", "pairwise_distances", "recall_at_k", "restore_index",
+    "screening_precision",
 ]

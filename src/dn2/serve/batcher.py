@@ -25,7 +25,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -169,9 +169,11 @@ class MicroBatcher:
         started = time.perf_counter()
         try:
             images = [image for job in jobs for image in job.images]
-            vectors = served.model.embed(images).vectors
-            verdicts = judge(served.model.detector, vectors, max(job.explain for job in jobs))
-            maps = anomaly_maps(served.model, images)
+            embeddings = served.model.embed(images)
+            verdicts = judge(served.model.detector, embeddings.vectors, max(job.explain for job in jobs))
+            maps = anomaly_maps(served.model, images, embeddings)
+            if maps is not None:  # a model whose image score is its own ("combined", "map") judges by it
+                verdicts = maps.apply(verdicts)
         except Exception as e:  # noqa: BLE001 - every waiting request must hear of it
             logger.exception("inference failed for model %s", served.name)
             for job in jobs:
@@ -182,5 +184,5 @@ class MicroBatcher:
         start = 0
         for job in jobs:
             stop = start + job.n
-            job.future.set_result(Scored(_share(verdicts, start, stop, job.explain), maps[start:stop] if maps else None))
+            job.future.set_result(Scored(_share(verdicts, start, stop, job.explain), maps.maps[start:stop] if maps else None))
             start = stop

@@ -21,7 +21,7 @@ import ipaddress
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
-from ..params import Constraint, InstanceOf, Interval, Predicate, validate
+from ..params import Constraint, Interval, Predicate, validate
 
 __all__ = ["ServeSettings", "check_listen", "is_loopback"]
 
