@@ -38,10 +38,11 @@ from sklearn.utils.validation import validate_data
 from .backbones import backbone_status
 from .base import ThresholdedScores
 from .features import Embedder, Embeddings, backbone_names
+from .images import as_source
 from .modelfile import ModelFileError, read_model_file, write_model
 from .normalize import NORMALIZATIONS, EmbeddingTransform, make_transform, transform_from_state
 from .params import Constraint, InstanceOf, Interval, Options, Predicate, TupleOf, validate
-from .runtime import RUNTIMES, resolve_precision
+from .runtime import PRECISION_TABLE, RUNTIMES, QuantizedNetwork, resolve_precision, resolve_runtime
 from .search import INDEX_KINDS, kmeans, knn_score, make_index
 from .settings import PRECISION_CHOICES, PRESETS, Method, method_for
 
@@ -444,9 +445,12 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         return asdict(self.method())
 
     def check_params(self) -> None:
-        """Check every parameter, the method and the detector's index parameters: before any image is embedded."""
+        """Check every parameter, the method and the detector's index parameters, and that the runtime runs
+        the precision (int8: OpenVINO only): before any image is embedded."""
         validate("DN2", self.get_params(), self.parameter_constraints)
-        self._make_detector(self.method()).check_params()
+        method = self.method()
+        self._make_detector(method).check_params()
+        resolve_runtime(self.runtime, method.extraction_precision())
 
     def _run_options(self) -> dict[str, Any]:
         """How the embedder runs (not what it computes)."""
@@ -462,12 +466,14 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
                            **{name: getattr(self, name) for name in _DETECTOR_PARAMS})
 
     def fit(self, X: Any, y: Any = None) -> "DN2":
-        """Embed the normal training images and index them."""
+        """Embed the normal training images and index them (in int8, first quantise the backbones on a sample
+        of them: the model keeps those networks and scores with them)."""
         self.check_params()
         method = self.method()
         self.method_ = replace(method, precision=resolve_precision(method.extraction_precision(), self.runtime))
-        self.embedder_ = self._make_embedder(self.method_).fit()
-        train = self.embedder_.embed(X)
+        source = as_source(X)
+        self.embedder_ = self._make_embedder(self.method_).fit(source)
+        train = self.embedder_.embed(source)
         if len(train.vectors) == 0:
             raise ValueError("no training image could be read")
         blocks = self.embedder_.part_dims()
@@ -530,10 +536,12 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         """Write the model (method, embeddings, names, threshold, backbone identity) to a safe model file.
 
         Only what the model computes is stored; how it runs (weights path, workers, runtime) is
-        the loader's choice.
+        the loader's choice. An int8 model also stores its quantised networks (OpenVINO IR bytes).
         """
         self._check_fitted()
         detector, tensors = self.detector.to_state()
+        for i, network in enumerate(getattr(self.embedder_, "int8_networks_", None) or []):
+            tensors.update(network.tensors(f"int8/{i}/"))  # its identity is in "backbone" (Embedder.identity)
         meta = {"kind": "DN2", "preset": self.preset, "method": self.method_.to_dict(),
                 "backbone": self.embedder_.identity(), "detector": detector}
         return write_model(path, meta, tensors, force=force)
@@ -556,6 +564,14 @@ def _method_from_header(header: dict[str, Any]) -> tuple[str, Method]:
                                      stages=tuple(params["stages"]) if params.get("stages") is not None else None,
                                      precision=params.get("precision"))
     return preset, method
+
+
+def _stored_int8_networks(stored: dict[str, Any], tensors: dict[str, np.ndarray]) -> list[QuantizedNetwork]:
+    """The int8 networks of a model file, one per backbone, each checked against its recorded sha256."""
+    parts = stored.get("parts", [stored])
+    if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
+        raise ValueError("backbone parts must be a list of mappings")
+    return [QuantizedNetwork.from_tensors(part.get("int8"), tensors, f"int8/{i}/") for i, part in enumerate(parts)]
 
 
 def load(path: str | os.PathLike, *, weights: str | os.PathLike | None = None, allow_download: bool = False,
@@ -589,6 +605,8 @@ def load(path: str | os.PathLike, *, weights: str | os.PathLike | None = None, a
         stored = header.get("backbone")
         if not isinstance(stored, dict):
             raise ValueError("backbone identity missing")
+        spec = PRECISION_TABLE.get(method.precision)  # None for "auto" (format 1 files)
+        networks = _stored_int8_networks(stored, tensors) if spec is not None and spec.calibrated else None
     except (ValueError, TypeError, KeyError) as e:
         raise ModelFileError(path, f"invalid model header: {e}") from None
     if weights is None and stored.get("weights_id") == "random:0":
@@ -604,6 +622,11 @@ def load(path: str | os.PathLike, *, weights: str | os.PathLike | None = None, a
     model.check_params()
     model.method_ = replace(method, precision=resolve_precision(method.extraction_precision(), model.runtime))
     model.embedder_ = model._make_embedder(model.method_).fit()
+    if networks is not None:  # the very networks that embedded the training images, not a new calibration
+        try:
+            model.embedder_.set_int8_networks(networks)
+        except ValueError as e:
+            raise ModelFileError(path, str(e)) from None
     ours = model.embedder_.identity()
     if ours != stored:
         diff = {k: (stored.get(k), ours.get(k)) for k in set(ours) | set(stored) if ours.get(k) != stored.get(k)}

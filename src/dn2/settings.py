@@ -26,8 +26,8 @@ from .params import Constraint, InstanceOf, Interval, Options, Predicate, TupleO
 
 __all__ = ["Method", "PRESETS", "PRECISION_CHOICES", "method_for"]
 
-#: ``precision`` values a method may ask for; "auto" is resolved when the model is fitted.
-PRECISION_CHOICES = ("auto", "fp32", "bf16")
+#: ``precision`` values a method may ask for; "auto" is resolved when the model is fitted (never to int8).
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "int8")
 
 
 def _backbone_name(value: Any) -> bool:
@@ -45,7 +45,8 @@ class Method:
     flip: average each embedding with its mirror image's.
     precision: extraction precision; "auto" is bf16 where the CPU runs it natively and the
         transform is ``bf16_safe`` (measured harmless there), else fp32. A fitted model stores the
-        precision it resolved to.
+        precision it resolved to. "int8" quantises the backbone on the fit images (OpenVINO and the
+        ``int8`` extra); the model then stores the quantised network.
     """
 
     backbone: str = DEFAULT_BACKBONE
