@@ -62,6 +62,14 @@ def _dn2(backbone: str, precision: str):
                    progress=False)
 
 
+def _embedder(backbone: str, precision: str):
+    """The embedder a DN2 fit of ``backbone`` uses (backbone, weights, precision, runtime)."""
+    from dn2 import Embedder
+
+    return Embedder(backbone=backbone, weights=_weights(backbone), precision=precision, runtime="openvino",
+                    progress=False)
+
+
 # ------------------------------------------------------------------------------------------ roofs
 
 
@@ -137,7 +145,7 @@ def _crops(backbone, root: str, n: int) -> np.ndarray:
     return np.stack([data[i][0].numpy() for i in range(min(n, len(data)))])
 
 
-def _int8_networks(model, root: str, saved: str) -> list:
+def _int8_networks(backbone: str, root: str, saved: str) -> list:
     """The int8 networks of a fit on ``root``, kept in the folder ``saved`` so that every ISA's job runs the
     very same networks (a calibration under another ISA could round its statistics differently)."""
     from dn2.runtime import QuantizedNetwork
@@ -147,7 +155,7 @@ def _int8_networks(model, root: str, saved: str) -> list:
         return [QuantizedNetwork((folder / f"{i}.xml").read_bytes(), (folder / f"{i}.bin").read_bytes(),
                                  json.loads((folder / f"{i}.json").read_text()))
                 for i in range(len(list(folder.glob("*.json"))))]
-    networks = model._make_embedder(model.method()).fit(root).int8_networks_
+    networks = _embedder(backbone, "int8").fit(root).int8_networks_
     folder.mkdir(parents=True, exist_ok=True)
     for i, network in enumerate(networks):
         (folder / f"{i}.xml").write_bytes(network.xml)
@@ -164,9 +172,8 @@ def job_network(backbone: str, precision: str, root: str, seconds: float, saved:
 
     from dn2.runtime import get_runner
 
-    model = _dn2(backbone, precision)
-    nets = model._make_embedder(model.method()).fit()._networks()
-    networks = _int8_networks(model, root, saved) if precision == "int8" else [None] * len(nets)
+    nets = _embedder(backbone, precision).fit().networks_
+    networks = _int8_networks(backbone, root, saved) if precision == "int8" else [None] * len(nets)
     seconds_per_image, outputs = 0.0, []
     for net, network in zip(nets, networks):
         runner = get_runner(net, "openvino", precision, network=network)

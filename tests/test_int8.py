@@ -111,8 +111,8 @@ def test_the_cache_key_changes_with_the_calibration_sample(lite0, monkeypatch, t
     def no_nncf(*args):
         raise AssertionError("quantised again")
 
-    quantize_model = int8._quantize_model
-    monkeypatch.setattr(int8, "_quantize_model", no_nncf)
+    quantize_model = int8.quantize_model
+    monkeypatch.setattr(int8, "quantize_model", no_nncf)
     again = runtime.quantize_int8(tiny, Calibration.from_crops(crops.copy()))  # same images: a cache hit
     assert again.sha256 == first.sha256 and again.record() == first.record()
     other = crops.copy()
@@ -122,7 +122,7 @@ def test_the_cache_key_changes_with_the_calibration_sample(lite0, monkeypatch, t
     a, b = Calibration.from_crops(crops), Calibration.from_crops(other)
     assert runtime.OpenVinoRunner.cache_key(tiny, "int8", calibration=a) != runtime.OpenVinoRunner.cache_key(
         tiny, "int8", calibration=b)
-    monkeypatch.setattr(int8, "_quantize_model", quantize_model)
+    monkeypatch.setattr(int8, "quantize_model", quantize_model)
     monkeypatch.setenv("DN2_CACHE", str(tmp_path))  # an empty cache: converted and quantised again
     remade = runtime.quantize_int8(tiny, Calibration.from_crops(crops))
     assert remade.weights == first.weights  # the same weights and ranges; the .xml differs in generated op names
@@ -198,7 +198,7 @@ def test_an_int8_model_scores_with_its_own_network_after_load_with_an_empty_cach
     empty = tmp_path / "empty-cache"
     monkeypatch.setenv("DN2_CACHE", str(empty))  # another machine: no fp32 export, no int8 network
     runtime.clear_runner_cache()
-    monkeypatch.setattr(int8, "_quantize_model", lambda *a: pytest.fail("re-quantised instead of the stored network"))
+    monkeypatch.setattr(int8, "quantize_model", lambda *a: pytest.fail("re-quantised instead of the stored network"))
     loaded = dn2.load(path, progress=False)
     np.testing.assert_array_equal(loaded.anomaly_score(test), before)
     assert (empty / "openvino-int8" / f"sha256-{network.sha256[:32]}.xml").is_file()  # installed by its digest

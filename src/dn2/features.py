@@ -144,8 +144,10 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding workers must not compete with inference for cores
 
 
-def _batches(source: ImageSource, pre: Preprocessing, batch_size: int, num_workers: int) -> Iterator[Any]:
-    """Batches of (uint8 crops, indices, error messages), decoded in ``num_workers`` forked processes.
+def _batches(source: ImageSource, pre: Preprocessing, batch_size: int, num_workers: int,
+             indices: Any = None) -> Iterator[Any]:
+    """Batches of (uint8 crops, indices, error messages) of every image, or of ``indices`` only, decoded in
+    ``num_workers`` forked processes.
 
     The objects alive at the fork are frozen out of the garbage collector (``gc.freeze``) while the
     workers start: otherwise a worker's collector may destroy garbage inherited from the parent, and
@@ -157,6 +159,7 @@ def _batches(source: ImageSource, pre: Preprocessing, batch_size: int, num_worke
         num_workers=num_workers,
         worker_init_fn=_worker_init if num_workers else None,
         prefetch_factor=4 if num_workers else None,
+        sampler=None if indices is None else [int(i) for i in indices],
     )
     if not num_workers:
         yield from loader
@@ -238,7 +241,7 @@ def extract(
     return Embeddings(vectors[ok], [nm for nm, good in zip(names, ok) if good], skipped)
 
 
-def calibrate(backbone: Backbone, images: Any, *, skip_bad: bool = False) -> Calibration:
+def calibrate(backbone: Backbone, images: Any, *, skip_bad: bool = False, num_workers: int | None = None) -> Calibration:
     """The int8 calibration of ``backbone`` on ``images``: the crops of an evenly spaced sample of them
     (:func:`dn2.runtime.int8.calibration_indices`), decoded and resized exactly as for embedding.
 
@@ -252,15 +255,15 @@ def calibrate(backbone: Backbone, images: Any, *, skip_bad: bool = False) -> Cal
         (3, 3, 224, 224)
     """
     source = as_source(images)
-    dataset = CropDataset(source, backbone.config.preprocessing)
+    sample = int8.calibration_indices(len(source))
+    workers = default_num_workers(len(sample)) if num_workers is None else num_workers
     crops = []
-    for i in int8.calibration_indices(len(source)):
-        crop, _, error = dataset[int(i)]
-        if error:
-            if not skip_bad:
-                raise BadImageError(error)
-            continue  # warned about when the images are embedded
-        crops.append(crop.numpy())
+    for batch, _, errors in _batches(source, backbone.config.preprocessing, 16, workers, indices=sample):
+        for crop, message in zip(batch, errors):
+            if message and not skip_bad:
+                raise BadImageError(message)
+            if not message:  # a skipped one is warned about when the images are embedded
+                crops.append(crop.numpy())
     if not crops:
         raise ValueError("no calibration image could be read")
     return Calibration.from_crops(np.stack(crops))
@@ -332,8 +335,9 @@ class Embedder(TransformerMixin, BaseEstimator):
         self.int8_networks_: list[QuantizedNetwork] | None = None
         if calibrated and X is not None:
             source = as_source(X)
-            self.int8_networks_ = [quantize_int8(net, calibrate(net, source, skip_bad=self.skip_bad))
-                                   for net in self.networks_]
+            self.int8_networks_ = [
+                quantize_int8(net, calibrate(net, source, skip_bad=self.skip_bad, num_workers=self.num_workers))
+                for net in self.networks_]
         return self
 
     def _calibrated(self) -> bool:

@@ -64,7 +64,8 @@ if TYPE_CHECKING:
 __all__ = [
     "CALIBRATION_BATCH", "CALIBRATION_FRACTION", "CALIBRATION_MAX", "CALIBRATION_MIN", "INSTALL_HINT", "RECIPE",
     "Calibration", "NNCFMissingError", "QuantizedNetwork", "calibration_indices", "calibration_size", "check_network", "early_ops",
-    "install", "int8_cache_dir", "nncf_available", "quantize", "require_nncf",
+    "install", "int8_cache_dir", "network_digest", "network_info", "nncf_available", "quantize", "quantize_model",
+    "require_nncf",
 ]
 
 logger = logging.getLogger(__name__)
@@ -253,8 +254,9 @@ def early_ops(model: Any, crop: int) -> list[str]:
             if op.get_type_name() not in skip and _spatial(op) >= crop // 4]
 
 
-def _quantize_model(model: Any, calibration: Calibration, crop: int) -> Any:
-    """``nncf.quantize`` of ``model`` (an ov.Model taking the uint8 crops) on ``calibration``, per :data:`RECIPE`."""
+def quantize_model(model: Any, calibration: Calibration, crop: int) -> Any:
+    """``nncf.quantize`` of ``model`` (an ov.Model taking the uint8 crops) on ``calibration``, per :data:`RECIPE`:
+    the one place NNCF runs (:func:`quantize` adds the cache around it)."""
     with _quiet_nncf() as nncf:
         from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
@@ -344,7 +346,7 @@ def quantize(backbone: "Backbone", calibration: Calibration, float_model: Callab
     import openvino as ov
 
     start = time.perf_counter()
-    quantized = _quantize_model(float_model(), calibration, backbone.config.preprocessing.crop)
+    quantized = quantize_model(float_model(), calibration, backbone.config.preprocessing.crop)
     with tempfile.TemporaryDirectory(prefix="dn2-int8-") as tmp:
         path = Path(tmp) / "net.xml"
         ov.save_model(quantized, str(path), compress_to_fp16=False)
