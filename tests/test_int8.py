@@ -270,6 +270,12 @@ def test_precision_int8_from_the_command_line(image_folders, tmp_path, capsys, l
     assert "runtime='torch' runs bf16, fp32 only, got precision='int8'" in capsys.readouterr().err
     assert not (tmp_path / "t.dn2").exists()
 
+    fp32_model = tmp_path / "fp32.dn2"
+    assert main(["fit", str(image_folders["normal"]), "-o", str(fp32_model), "--preset", "paper", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["score", str(fp32_model), str(image_folders["test"]), "--precision", "int8", "--quiet"]) == 2
+    assert "has no int8 network" in capsys.readouterr().err  # int8 scoring needs the fit's own network
+
     assert main(["info"]) == 0
     info = capsys.readouterr().out
     assert "int8" in info and "openvino" in info and "never int8" in info
