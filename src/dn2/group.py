@@ -131,7 +131,7 @@ class GroupDN2(SetDetector):
         self.embedder_ = Embedder(
             backbone=self.backbone, weights=self.weights, batch_size=self.batch_size,
             precision=self.precision, progress=self.progress,
-        ).fit([member for s in sets for member in s] if self.precision == "int8" else None)
+        ).fit([member for s in sets for member in s])
         return super().fit(self._embed_sets(sets))
 
     def anomaly_score(self, sets: Sequence[Sequence[Any]]) -> np.ndarray:
