@@ -296,3 +296,12 @@ def test_bench_embeds_both_splits_with_one_network_calibrated_on_the_training_sp
                          num_workers=0, echo=lambda message: None)
     assert not np.array_equal(fp32.x_test, data.x_test)  # separate cache entries
 
+
+
+def test_nncf_is_imported_only_to_quantise():
+    import subprocess
+    import sys
+
+    code = "import sys, dn2, dn2.cli, dn2.runtime; print('nncf' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
