@@ -100,17 +100,16 @@ def test_cpu_features_are_read_from_cpuinfo_flags():
     assert isinstance(cpu.cpu_features(), CpuFeatures)  # this machine, whatever it is
 
 
-def test_a_new_precision_plugs_in_as_data(monkeypatch):
-    """How int8 will arrive: a PRECISION_TABLE entry and the runners that declare it; nothing else changes."""
-    monkeypatch.setitem(PRECISION_TABLE, "int8", Precision("int8", native_on=("avx512_vnni", "avx_vnni", "amx_int8")))
-    monkeypatch.setattr(runtime.OpenVinoRunner, "precisions", frozenset({"fp32", "bf16", "int8"}))
+def test_int8_plugged_in_as_data(monkeypatch):
+    """int8 is a PRECISION_TABLE entry and OpenVINO's declaration; it is native with VNNI and never auto."""
     monkeypatch.setattr(openvino_runner, "openvino_available", lambda: True)
     assert runtime.runtimes_for("int8") == ["openvino"]
     assert runtime.resolve_runtime("auto", "int8") == "openvino"
     with pytest.raises(ValueError, match="runs bf16, fp32 only"):
         runtime.resolve_runtime("torch", "int8")
     monkeypatch.setattr(cpu, "cpu_features", lambda: CpuFeatures(avx512_vnni=True))
-    assert PRECISION_TABLE["int8"].is_native(cpu.cpu_features())
+    assert PRECISION_TABLE["int8"].is_native(cpu.cpu_features()) and PRECISION_TABLE["int8"].calibrated
+    assert not PRECISION_TABLE["int8"].is_native(AVX2_ONLY)
     assert runtime.resolve_precision("auto") == "fp32"  # not in AUTO_PRECISION_ORDER: int8 must be asked for
     with pytest.raises(ValueError, match="unknown CPU features"):
         Precision("int4", native_on=("avx_int4",))

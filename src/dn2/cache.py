@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.base import clone
 
 from .features import Embedder, Embeddings, backbone_names
 from .runtime import resolve_precision
@@ -49,7 +48,8 @@ def cache_key(embedder: Embedder, source: ImageSource) -> str:
     """The entry name: backbone identity + precision (+ runtime for bf16) + image fingerprint.
 
     fp32 runtimes agree to ~1e-6 and share entries; bf16 runtimes round differently, so a bf16 entry
-    also names its runtime and the pieces its guard keeps in fp32.
+    also names its runtime and the pieces its guard keeps in fp32. An int8 entry is keyed by its
+    quantised network, which is part of the embedder's identity.
     """
     precision = resolve_precision(embedder.precision, embedder.runtime)
     key: dict[str, Any] = {
@@ -68,9 +68,8 @@ def cached_embed(embedder: Embedder, images: Any, cache_dir: str | os.PathLike |
     source = as_source(images)
     if not use_cache:
         return embedder.embed(source)
-    names = backbone_names(embedder.backbone)
-    if len(names) > 1:  # an ensemble: one entry per backbone, shared with single-backbone runs
-        parts = [cached_embed(clone(embedder).set_params(backbone=name), source, cache_dir) for name in names]
+    if len(backbone_names(embedder.backbone)) > 1:  # an ensemble: one entry per backbone, shared with single-backbone runs
+        parts = [cached_embed(part, source, cache_dir) for part in embedder.parts()]
         return Embeddings(np.hstack([p.vectors for p in parts]), parts[0].names, parts[0].skipped)
     path = Path(cache_dir or default_cache_dir()) / f"{cache_key(embedder, source)}.dn2emb"
     if path.is_file():

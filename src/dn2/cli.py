@@ -7,6 +7,7 @@ Examples:
     dn2 fit normal_parts/ -o parts.dn2 --maps spade && dn2 score parts.dn2 new_parts/ --map-dir maps/
     dn2 demo
     dn2 backbones
+    dn2 info
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from .features import PRECISIONS, RUNTIMES
 from .images import BadImageError
 from .modelfile import ModelFileError
 from .normalize import NORMALIZATIONS, STATELESS_NORMALIZATIONS
+from .runtime.int8 import NNCFMissingError
 
 # User errors: reported in one line naming the file or option, exit code 2. OSError covers the file system's
 # own refusals (name too long, no permission, disk full), which are the user's to fix, not tracebacks.
-EXPECTED_ERRORS = (BadImageError, ModelFileError, BackboneWeightsError, ValueError, TypeError, OSError)
+EXPECTED_ERRORS = (BadImageError, ModelFileError, BackboneWeightsError, NNCFMissingError, ValueError, TypeError, OSError)
 
 EXIT_OK, EXIT_SKIPPED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 REPORT_EXPLAIN = 3  # nearest normals shown per image in a --report when --explain is not given
@@ -51,7 +53,8 @@ def _add_runtime_options(p: argparse.ArgumentParser, *, scoring: bool = False) -
     else:
         p.add_argument("--precision", choices=PRECISIONS, default="auto",
                        help="inference precision (default: auto = bf16 on CPUs with native bf16 for methods measured "
-                            "safe with it, else fp32); recorded in the model and used again for scoring")
+                            "safe with it, else fp32; int8: the network quantised on a sample of the images, OpenVINO "
+                            "and the int8 extra, stored in the model); recorded in the model and used again for scoring")
     p.add_argument("--runtime", choices=RUNTIMES, default="auto",
                    help="inference runtime (default: auto = openvino when installed, else onnx/torch)")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the runtime's fastest)")
@@ -340,6 +343,27 @@ def cmd_backbones(args: argparse.Namespace) -> int:
         print(f"{cfg.name:<20} {cfg.feature_dim:>5}  {status:<14} {cfg.description}")
     print("also: timm:<model name> for any timm model (weights from timm's hub, or --weights FILE)")
     print("weights 'offline' ship in a PyPI package; 'download' need internet once, or --weights FILE")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """What this machine runs: its CPU features, and per precision whether it is native and which runtimes run it."""
+    from . import runtime
+    from .runtime.int8 import nncf_available
+
+    features = runtime.cpu_features()
+    present = [name for name in features.names() if getattr(features, name)]
+    print(f"CPU features: {' '.join(present) or 'none of ' + ', '.join(features.names())} (from /proc/cpuinfo)")
+    installed = [name for name, cls in runtime.RUNNERS.items() if cls.available()]
+    print(f"runtimes installed: {', '.join(installed)}")
+    print(f"{'precision':<10} {'native here':<26} {'runtimes':<22} description")
+    for name, spec in runtime.PRECISION_TABLE.items():
+        native = ("yes" + (f" ({', '.join(f for f in spec.native_on if getattr(features, f))})" if spec.native_on else "")
+                  if spec.is_native(features) else f"no (needs {' or '.join(spec.native_on)})")
+        print(f"{name:<10} {native:<26} {', '.join(runtime.runtimes_for(name)):<22} {spec.description}")
+    print(f"nncf (int8 quantisation): {'installed' if nncf_available() else 'not installed: pip install dn2[int8]'}")
+    print(f"--precision auto here: {runtime.resolve_precision('auto')} (for methods measured safe in bf16; else fp32); "
+          "never int8 (BENCHMARKS.md, int8)")
     return 0
 
 
@@ -652,6 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("backbones", help="list backbones and whether their weights are available offline")
     p.set_defaults(func=cmd_backbones)
+
+    p = sub.add_parser("info", help="this machine's CPU features, and the precisions and runtimes it runs")
+    p.set_defaults(func=cmd_info)
 
     _add_bench_parser(sub)
     _add_serve_parser(sub)

@@ -55,7 +55,8 @@ def run_demo(
     images, labels = digits_images(per_class)
     idx_train, idx_test = train_test_split(np.arange(len(labels)), test_size=0.5, stratify=labels, random_state=0)
     precision = PRESETS["paper"].overlay(precision=precision).extraction_precision()  # raw features: fp32 unless asked
-    vectors = Embedder(backbone=backbone, precision=precision, progress=progress).transform(images)
+    # fit_transform: in int8 the network is quantised on (a sample of) the digits themselves, once for all classes
+    vectors = Embedder(backbone=backbone, precision=precision, progress=progress).fit_transform(images)
     return one_class_aucs(vectors[idx_train], labels[idx_train], vectors[idx_test], labels[idx_test], k=k)
 
 

@@ -43,7 +43,7 @@ from .maps import Localization, MapModel, PatchNet, fit_maps, load_patch_nets
 from .modelfile import ModelFileError, read_model_file, write_model
 from .normalize import NORMALIZATIONS, EmbeddingTransform, make_transform, transform_from_state
 from .params import Constraint, InstanceOf, Interval, Options, Predicate, TupleOf, validate
-from .runtime import RUNTIMES, resolve_precision
+from .runtime import PRECISION_TABLE, RUNTIMES, QuantizedNetwork, resolve_precision, resolve_runtime
 from .search import INDEX_KINDS, kmeans, knn_score, make_index, restore_index
 from .settings import MAP_SETTINGS, PRECISION_CHOICES, PRESETS, Method, method_for
 from .thumbnails import MAX_SIZE as MAX_THUMBNAIL, MIN_SIZE as MIN_THUMBNAIL, Thumbnails, thumbnails_of
@@ -496,7 +496,8 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         return asdict(self.method())
 
     def check_params(self) -> None:
-        """Check every parameter, the method and the detector's index parameters: before any image is embedded."""
+        """Check every parameter, the method and the detector's index parameters, and that the runtime runs
+        the precision (int8: OpenVINO only): before any image is embedded."""
         validate("DN2", self.get_params(), self.parameter_constraints)
         method = self.method()
         self._make_detector(method).check_params()
@@ -508,6 +509,7 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         if method.image_score != "dn2" and not self.novelty:
             raise ValueError(f"DN2: novelty=False labels training images by their image-level leave-one-out "
                              f"scores; it needs image_score='dn2', got {method.image_score!r}")
+        resolve_runtime(self.runtime, method.extraction_precision())
 
     def _run_options(self) -> dict[str, Any]:
         """How the embedder runs (not what it computes)."""
@@ -523,12 +525,13 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
                            **{name: getattr(self, name) for name in _DETECTOR_PARAMS})
 
     def fit(self, X: Any, y: Any = None) -> "DN2":
-        """Embed the normal training images and index them."""
+        """Embed the normal training images and index them (in int8, first quantise the backbones on a sample
+        of them: the model keeps those networks and scores with them)."""
         self.check_params()
         method = self.method()
         self.method_ = method.fitted(resolve_precision(method.extraction_precision(), self.runtime))
-        self.embedder_ = self._make_embedder(self.method_).fit()
         source = as_source(X)
+        self.embedder_ = self._make_embedder(self.method_).fit(source)
         train = self.embedder_.embed(source)
         if len(train.vectors) == 0:
             raise ValueError("no training image could be read")
@@ -558,7 +561,10 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         return load_patch_nets(m.map_backbone, self.weights, m.map_stages, m.map_size)
 
     def _map_run_options(self) -> dict[str, Any]:
-        return dict(runtime=self.runtime, precision=self._scoring_precision(), batch_size=self.batch_size,
+        precision = self._scoring_precision()
+        if PRECISION_TABLE[precision].calibrated:  # int8 quantises the image-level networks; maps stay fp32
+            precision = "fp32"
+        return dict(runtime=self.runtime, precision=precision, batch_size=self.batch_size,
                     num_workers=self.num_workers, progress=self.progress, skip_bad=self.skip_bad)
 
     def _scoring_precision(self) -> str:
@@ -686,10 +692,12 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         """Write the model (method, embeddings, names, threshold, backbone identity) to a safe model file.
 
         Only what the model computes is stored; how it runs (weights path, workers, runtime) is
-        the loader's choice.
+        the loader's choice. An int8 model also stores its quantised networks (OpenVINO IR bytes).
         """
         self._check_fitted()
         detector, tensors = self.detector.to_state()
+        for i, network in enumerate(getattr(self.embedder_, "int8_networks_", None) or []):
+            tensors.update(network.tensors(f"int8/{i}/"))  # its identity is in "backbone" (Embedder.identity)
         meta = {"kind": "DN2", "preset": self.preset, "method": self.method_.to_dict(),
                 "backbone": self.embedder_.identity(), "detector": detector}
         if getattr(self, "thumbnails_", None) is not None:
@@ -718,6 +726,14 @@ def _method_from_header(header: dict[str, Any]) -> tuple[str, Method]:
                                      stages=tuple(params["stages"]) if params.get("stages") is not None else None,
                                      precision=params.get("precision"))
     return preset, method
+
+
+def _stored_int8_networks(stored: dict[str, Any], tensors: dict[str, np.ndarray]) -> list[QuantizedNetwork]:
+    """The int8 networks of a model file, one per backbone, each checked against its recorded sha256."""
+    parts = stored.get("parts", [stored])
+    if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
+        raise ValueError("backbone parts must be a list of mappings")
+    return [QuantizedNetwork.from_tensors(part.get("int8"), tensors, f"int8/{i}/") for i, part in enumerate(parts)]
 
 
 def load(path: str | os.PathLike, *, weights: str | os.PathLike | None = None, allow_download: bool = False,
@@ -752,6 +768,8 @@ def load(path: str | os.PathLike, *, weights: str | os.PathLike | None = None, a
         if not isinstance(stored, dict):
             raise ValueError("backbone identity missing")
         thumbnails = Thumbnails.from_state(header.get("thumbnails"), tensors, len(detector.memory_))
+        spec = PRECISION_TABLE.get(method.precision)  # None for "auto" (format 1 files)
+        networks = _stored_int8_networks(stored, tensors) if spec is not None and spec.calibrated else None
     except (ValueError, TypeError, KeyError) as e:
         raise ModelFileError(path, f"invalid model header: {e}") from None
     if weights is None and stored.get("weights_id") == "random:0":
@@ -769,6 +787,11 @@ def load(path: str | os.PathLike, *, weights: str | os.PathLike | None = None, a
     model.check_params()
     model.method_ = replace(method, precision=resolve_precision(method.extraction_precision(), model.runtime))
     model.embedder_ = model._make_embedder(model.method_).fit()
+    if networks is not None:  # the very networks that embedded the training images, not a new calibration
+        try:
+            model.embedder_.set_int8_networks(networks)
+        except ValueError as e:
+            raise ModelFileError(path, str(e)) from None
     ours = model.embedder_.identity()
     if ours != stored:
         diff = {k: (stored.get(k), ours.get(k)) for k in set(ours) | set(stored) if ours.get(k) != stored.get(k)}

@@ -7,6 +7,10 @@ bounded: only a few batches of decoded images exist at any time. The backbone mo
 not changed. Bad images are reported with ``warnings``; the summary goes to the ``dn2.features``
 logger (the application decides what to show).
 
+With ``precision="int8"`` the network is quantised on a sample of the images an :class:`Embedder`
+is fitted on (:func:`calibrate`, :mod:`dn2.runtime.int8`), and the embedder keeps that network
+(``int8_networks_``): everything it embeds afterwards goes through exactly it.
+
 Example:
     >>> import numpy as np
     >>> from dn2 import Embedder
@@ -28,14 +32,15 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.base import BaseEstimator, TransformerMixin, clone
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .backbones import DEFAULT_BACKBONE, Backbone, Preprocessing, load_backbone
 from .images import BadImageError, ImageSource, as_source, resize_and_crop
 from .runtime import PRECISIONS, RUNTIMES, cpu_supports_bf16  # noqa: F401 - re-exported (cli, bench)
-from .runtime import get_runner, resolve_runtime  # resolve_precision: re-exported (cache)
+from .runtime import get_runner, resolve_precision, resolve_runtime
+from .runtime import PRECISION_TABLE, Calibration, QuantizedNetwork, int8, quantize_int8
 
 logger = logging.getLogger(__name__)
 
@@ -158,13 +163,16 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding workers must not compete with inference for cores
 
 
-def _batches(source: ImageSource, pre: Preprocessing, batch_size: int, num_workers: int) -> Iterator[Any]:
-    """Batches of (uint8 crops, indices, error messages), decoded in ``num_workers`` forked processes."""
-    return load_batches(CropDataset(source, pre), batch_size, num_workers)
+def _batches(source: ImageSource, pre: Preprocessing, batch_size: int, num_workers: int,
+             indices: Any = None) -> Iterator[Any]:
+    """Batches of (uint8 crops, indices, error messages) of every image, or of ``indices`` only, decoded in
+    ``num_workers`` forked processes."""
+    return load_batches(CropDataset(source, pre), batch_size, num_workers, indices)
 
 
-def load_batches(dataset: Dataset, batch_size: int, num_workers: int) -> Iterator[Any]:
-    """Batches of a dataset of decoded images (e.g. :class:`CropDataset`), made in ``num_workers`` forked processes.
+def load_batches(dataset: Dataset, batch_size: int, num_workers: int, indices: Any = None) -> Iterator[Any]:
+    """Batches of a dataset of decoded images (e.g. :class:`CropDataset`), made in ``num_workers`` forked
+    processes; of the items ``indices`` only, in that order, when given.
 
     The objects alive at the fork are frozen out of the garbage collector (``gc.freeze``) while the
     workers start: otherwise a worker's collector may destroy garbage inherited from the parent, and
@@ -176,6 +184,7 @@ def load_batches(dataset: Dataset, batch_size: int, num_workers: int) -> Iterato
         num_workers=num_workers,
         worker_init_fn=_worker_init if num_workers else None,
         prefetch_factor=4 if num_workers else None,
+        sampler=None if indices is None else [int(i) for i in indices],
     )
     if not num_workers:
         yield from loader
@@ -199,6 +208,8 @@ def extract(
     skip_bad: bool = False,
     flip: bool = False,
     runtime: str = "auto",
+    calibration: Calibration | Sequence[Calibration | None] | None = None,
+    network: QuantizedNetwork | Sequence[QuantizedNetwork | None] | None = None,
 ) -> Embeddings:
     """Embed every image of ``images`` (anything :func:`dn2.images.as_source` accepts).
 
@@ -221,11 +232,15 @@ def extract(
     ``precision="auto"`` is bf16 on CPUs with native bf16, else fp32; in both runtimes bf16 keeps the
     early high-resolution layers in fp32 (:data:`dn2.runtime.BF16_FP32_PARTS`).
     ``batch_size=None`` uses the runner's measured best. ``backbone`` itself is left unchanged.
+    ``precision="int8"`` takes the images to quantise on (``calibration``, see :func:`calibrate`) or
+    the quantised network (``network``), one per backbone for an ensemble: see :func:`dn2.runtime.get_runner`.
     """
     networks = [backbone] if isinstance(backbone, Backbone) else list(backbone)
     if not networks:
         raise ValueError("extract needs at least one backbone")
     source = as_source(images)
+    quantized = _per_network(network, len(networks), "int8 network")
+    calibrations = _per_network(calibration, len(networks), "calibration")
     n = len(source)
     ok = np.ones(n, dtype=bool)
     errors: dict[int, str] = {}
@@ -236,7 +251,8 @@ def extract(
     workers = default_num_workers(n) if num_workers is None else num_workers
     tune_malloc()
     for pre, members in groups.items():
-        runners = [get_runner(networks[j], runtime, precision) for j in members]
+        runners = [get_runner(networks[j], runtime, precision, calibration=calibrations[j], network=quantized[j])
+                   for j in members]
         outputs = [np.empty((n, networks[j].config.feature_dim), dtype=np.float32) for j in members]
         size = batch_size or min(r.default_batch_size for r in runners)
         bar = tqdm(total=n, unit="img", desc="embedding", disable=not progress, file=sys.stderr)
@@ -264,6 +280,19 @@ def extract(
                       [errors[i] for i in sorted(errors)], positions, names, {i: errors[i] for i in sorted(errors)})
 
 
+def _per_network(value: Any, n: int, what: str) -> list[Any]:
+    """``value`` (one item, or a sequence of one per backbone, or None) as a list of ``n`` items."""
+    if value is None:
+        return [None] * n
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{len(value)} {what}s for {n} backbones")
+        return list(value)
+    if n != 1:
+        raise ValueError(f"one {what} for an ensemble of {n} backbones: give one per backbone")
+    return [value]
+
+
 def _run(runner: Any, crops: torch.Tensor, pre: Preprocessing, flip: bool) -> np.ndarray:
     """One batch of uint8 crops through a runner (normalised first unless the runner does it in its graph)."""
     if runner.uint8_input:
@@ -276,6 +305,34 @@ def _run(runner: Any, crops: torch.Tensor, pre: Preprocessing, flip: bool) -> np
     return out.numpy()
 
 
+def calibrate(backbone: Backbone, images: Any, *, skip_bad: bool = False, num_workers: int | None = None) -> Calibration:
+    """The int8 calibration of ``backbone`` on ``images``: the crops of an evenly spaced sample of them
+    (:func:`dn2.runtime.int8.calibration_indices`), decoded and resized exactly as for embedding.
+
+    A bad image in the sample raises :class:`BadImageError`, or with ``skip_bad`` is left out.
+
+    Example:
+        >>> import numpy as np
+        >>> from dn2.backbones import load_backbone
+        >>> images = np.zeros((3, 32, 32, 3), np.uint8)
+        >>> calibrate(load_backbone("efficientnet_lite0"), images).crops.shape
+        (3, 3, 224, 224)
+    """
+    source = as_source(images)
+    sample = int8.calibration_indices(len(source))
+    workers = default_num_workers(len(sample)) if num_workers is None else num_workers
+    crops = []
+    for batch, _, errors in _batches(source, backbone.config.preprocessing, 16, workers, indices=sample):
+        for crop, message in zip(batch, errors):
+            if message and not skip_bad:
+                raise BadImageError(message)
+            if not message:  # a skipped one is warned about when the images are embedded
+                crops.append(crop.numpy())
+    if not crops:
+        raise ValueError("no calibration image could be read")
+    return Calibration.from_crops(np.stack(crops))
+
+
 def backbone_names(backbone: str) -> list[str]:
     """The backbones of ``"a+b"`` (an ensemble), or ``[backbone]``; nothing is loaded."""
     return [n.strip() for n in str(backbone).split("+")]
@@ -284,8 +341,10 @@ def backbone_names(backbone: str) -> list[str]:
 class Embedder(TransformerMixin, BaseEstimator):
     """Images -> (N, D) float32 embeddings with a pretrained backbone (a scikit-learn transformer).
 
-    There is nothing to learn: ``fit`` only loads the backbone, and ``transform`` loads it on
-    first use if ``fit`` was not called.
+    There is nothing to learn, except with ``precision="int8"``: ``fit`` loads the backbone, and
+    ``transform`` loads it on first use if ``fit`` was not called. In int8, ``fit(images)`` also
+    quantises each backbone on a sample of ``images`` (:func:`calibrate`) and keeps the networks
+    (``int8_networks_``), which embed everything afterwards; a model file stores them.
 
     Example:
         >>> from dn2 import Embedder
@@ -319,12 +378,16 @@ class Embedder(TransformerMixin, BaseEstimator):
         self.runtime = runtime
 
     def fit(self, X: Any = None, y: Any = None) -> "Embedder":
-        """Load the backbone(s) (the only state); X and y are ignored.
+        """Load the backbone(s); with ``precision="int8"`` and images ``X``, also quantise each on a sample
+        of them (NNCF, cached on disk). Otherwise X and y are ignored.
 
         ``backbone="a+b"`` is an ensemble: each image's embedding is the concatenation of the
         backbones' embeddings (in that order; see :meth:`part_dims`).
         """
         resolve_runtime(self.runtime, self.precision)
+        calibrated = self._calibrated()
+        if calibrated and X is not None:
+            int8.require_nncf()
         names = backbone_names(self.backbone)
         if len(names) > 1 and self.weights not in (None, "random"):
             raise ValueError(f"weights=FILE names one backbone's weights; {self.backbone!r} is an ensemble of {len(names)}")
@@ -333,7 +396,38 @@ class Embedder(TransformerMixin, BaseEstimator):
         stages = tuple(self.stages or ())
         self.networks_ = [load_backbone(name, self.weights, stages=stages) for name in names]
         self.network_ = self.networks_[0]
+        self.int8_networks_: list[QuantizedNetwork] | None = None
+        if calibrated and X is not None:
+            source = as_source(X)
+            self.int8_networks_ = [
+                quantize_int8(net, calibrate(net, source, skip_bad=self.skip_bad, num_workers=self.num_workers))
+                for net in self.networks_]
         return self
+
+    def _calibrated(self) -> bool:
+        """Whether this embedder's precision is quantised on its fit images (int8)."""
+        return PRECISION_TABLE[resolve_precision(self.precision, self.runtime)].calibrated
+
+    def set_int8_networks(self, networks: list[QuantizedNetwork]) -> "Embedder":
+        """Use these int8 networks (one per backbone, e.g. from a model file) instead of calibrating;
+        ``ValueError`` unless each takes this backbone's crops and gives its embedding width."""
+        backbones = self._networks()
+        if len(networks) != len(backbones):
+            raise ValueError(f"{len(networks)} int8 networks for {len(backbones)} backbones")
+        for network, backbone in zip(networks, backbones):
+            int8.check_network(network, backbone)
+        self.int8_networks_ = list(networks)
+        return self
+
+    def _int8_network(self, i: int) -> QuantizedNetwork | None:
+        """The int8 network of backbone ``i`` when the precision is int8, else None."""
+        if not self._calibrated():
+            return None
+        networks = getattr(self, "int8_networks_", None)
+        if not networks:
+            raise ValueError("precision='int8' embeds with the network quantised when the embedder was fitted: "
+                             "call fit(images) first (a model fitted in another precision has no int8 network)")
+        return networks[i]
 
     def _networks(self) -> list[Backbone]:
         if not hasattr(self, "network_"):
@@ -344,10 +438,23 @@ class Embedder(TransformerMixin, BaseEstimator):
         """Embedding width of each backbone (one entry unless this is an ensemble)."""
         return [net.config.feature_dim for net in self._networks()]
 
+    def parts(self) -> list["Embedder"]:
+        """One single-backbone embedder per backbone of this one, sharing its loaded (and quantised) networks."""
+        networks = self._networks()
+        int8_networks = getattr(self, "int8_networks_", None)
+        parts = []
+        for i, (name, network) in enumerate(zip(backbone_names(self.backbone), networks)):
+            part = clone(self).set_params(backbone=name)
+            part.networks_, part.network_ = [network], network
+            part.int8_networks_ = [int8_networks[i]] if int8_networks else None
+            parts.append(part)
+        return parts
+
     def embed(self, X: Any) -> Embeddings:
         """Embeddings with the names of the images, and the bad ones skipped (with skip_bad)."""
+        networks = self._networks()
         return extract(
-            self._networks(),
+            networks,
             as_source(X),
             batch_size=self.batch_size,
             num_workers=self.num_workers,
@@ -356,6 +463,7 @@ class Embedder(TransformerMixin, BaseEstimator):
             skip_bad=self.skip_bad,
             flip=bool(self.flip),
             runtime=self.runtime,
+            network=[self._int8_network(i) for i in range(len(networks))],
         )
 
     def transform(self, X: Any) -> np.ndarray:
@@ -364,19 +472,20 @@ class Embedder(TransformerMixin, BaseEstimator):
         return emb.vectors if not emb.errors else emb.aligned()
 
     def identity(self) -> dict[str, Any]:
-        """What makes embeddings comparable: backbone name, weights hash, preprocessing, dimension.
+        """What makes embeddings comparable: backbone name, weights hash, preprocessing, dimension, and in
+        int8 the quantised network (``"int8"``: its sha256 and how it was made).
 
         Extraction options (``stages``, ``flip``) are included only when used, so the identity of
         the paper's plain embedding (and every cache entry and model file made with it) is unchanged.
         """
         networks = self._networks()
         if len(networks) > 1:
-            parts = [self._identity_of(net) for net in networks]
+            parts = [self._identity_of(net, i) for i, net in enumerate(networks)]
             return {"name": "+".join(p["name"] for p in parts), "parts": parts,
                     "feature_dim": sum(p["feature_dim"] for p in parts)}
-        return self._identity_of(networks[0])
+        return self._identity_of(networks[0], 0)
 
-    def _identity_of(self, network: Backbone) -> dict[str, Any]:
+    def _identity_of(self, network: Backbone, i: int) -> dict[str, Any]:
         cfg = network.config
         ident: dict[str, Any] = {
             "name": cfg.name,
@@ -388,4 +497,7 @@ class Embedder(TransformerMixin, BaseEstimator):
             ident["stages"] = list(network.stages)
         if self.flip:
             ident["flip"] = True
+        int8_networks = getattr(self, "int8_networks_", None)
+        if int8_networks and self._calibrated():
+            ident["int8"] = int8_networks[i].record()
         return ident

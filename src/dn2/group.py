@@ -125,11 +125,13 @@ class GroupDN2(SetDetector):
         return np.split(vectors, np.cumsum(sizes)[:-1])
 
     def fit(self, sets: Sequence[Sequence[Any]], y: Any = None) -> "GroupDN2":
-        """Load the backbone named by the current parameters (every fit: ``set_params`` takes effect), embed, fit."""
+        """Load the backbone named by the current parameters (every fit: ``set_params`` takes effect), embed, fit.
+
+        With ``precision="int8"`` the backbone is quantised on a sample of the training sets' members."""
         self.embedder_ = Embedder(
             backbone=self.backbone, weights=self.weights, batch_size=self.batch_size,
             precision=self.precision, progress=self.progress,
-        ).fit()
+        ).fit([member for s in sets for member in s])
         return super().fit(self._embed_sets(sets))
 
     def anomaly_score(self, sets: Sequence[Sequence[Any]]) -> np.ndarray:

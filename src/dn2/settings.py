@@ -27,8 +27,8 @@ from .params import Constraint, InstanceOf, Interval, Options, Predicate, TupleO
 __all__ = ["IMAGE_SCORES", "MAP_CORESET_DEFAULTS", "MAP_METHODS", "MAP_SETTINGS", "Method", "PRESETS",
            "PRECISION_CHOICES", "method_for"]
 
-#: ``precision`` values a method may ask for; "auto" is resolved when the model is fitted.
-PRECISION_CHOICES = ("auto", "fp32", "bf16")
+#: ``precision`` values a method may ask for; "auto" is resolved when the model is fitted (never to int8).
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "int8")
 #: Anomaly-map methods (:mod:`dn2.maps`); ``maps=None`` is image-level DN2 only.
 MAP_METHODS = ("spade", "patchcore")
 #: Image score of a model with maps: the image-level DN2 score, the map's (its largest patch distance),
@@ -57,7 +57,8 @@ class Method:
     flip: average each embedding with its mirror image's.
     precision: extraction precision; "auto" is bf16 where the CPU runs it natively and the
         transform is ``bf16_safe`` (measured harmless there), else fp32. A fitted model stores the
-        precision it resolved to.
+        precision it resolved to. "int8" quantises the backbone on the fit images (OpenVINO and the
+        ``int8`` extra); the model then stores the quantised network (the maps' networks run in fp32).
 
     Anomaly maps (:mod:`dn2.maps`; all ignored while ``maps`` is None):
 

@@ -96,11 +96,14 @@ def embed_dataset(ds: LabelledDataset, backbone: str = DEFAULT_BACKBONE, *, cach
                   echo: Callable[[str], None] = print, **embedder_options: Any) -> BenchData:
     """Embed both splits with one backbone, through the embedding cache; prints the wall time of each.
 
+    The embedder is fitted on the training split: with ``precision="int8"`` one network per backbone is
+    quantised on a sample of all training images (every class) and embeds both splits.
+
     Example:
         >>> from dn2.datasets import load_dataset
         >>> data = embed_dataset(load_dataset("cifar10.zip"), "efficientnet_lite0")  # doctest: +SKIP
     """
-    embedder = Embedder(backbone=backbone, **embedder_options)
+    embedder = Embedder(backbone=backbone, **embedder_options).fit(ds.train.source)
     vectors, labels = {}, {}
     for split_name, split in (("train", ds.train), ("test", ds.test)):
         start = time.perf_counter()

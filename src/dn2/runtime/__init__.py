@@ -6,7 +6,7 @@ and kept in a small in-process cache (:data:`RUNNER_CACHE_SIZE` entries, least r
 dropped first); converted networks are also cached on disk (``$DN2_CACHE`` or ``~/.cache/dn2``).
 
 - ``openvino`` (:mod:`~dn2.runtime.openvino_runner`; the default where installed, which it is with
-  dn2 on x86-64 and ARM64): fp32 or bf16, normalisation inside the graph, uint8 crops in.
+  dn2 on x86-64 and ARM64): fp32, bf16 or int8, normalisation inside the graph, uint8 crops in.
 - ``onnx`` (:mod:`~dn2.runtime.onnx_runner`; the ``fast`` extra): fp32 only.
 - ``torch`` (:mod:`~dn2.runtime.torch_runner`): always there; fp32, or bf16 autocast.
 
@@ -16,6 +16,10 @@ picks the first of :data:`~dn2.runtime.base.AUTO_PRECISION_ORDER` that the runti
 this CPU runs natively (:mod:`~dn2.runtime.cpu`): bf16 only with AVX-512 BF16 or AMX, elsewhere
 bf16 is emulated and many times slower than fp32. When a conversion fails, or the runtime's package
 is missing, :func:`get_runner` warns and returns the PyTorch runner.
+
+int8 (:mod:`~dn2.runtime.int8`, OpenVINO only, never chosen by "auto") is quantised on calibration
+images: :func:`get_runner` takes them (``calibration=``, a :class:`~dn2.runtime.int8.Calibration`),
+or the quantised network they made (``network=``, as stored in a model file); there is no fallback.
 
 Example:
     >>> import torch
@@ -39,12 +43,20 @@ import warnings
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Hashable
 
-from . import bf16, cpu
+from . import bf16, cpu, int8
 from .base import AUTO_PRECISION_ORDER, PRECISION_TABLE, Precision, Runner, export_cache_key
 from .bf16 import bf16_parts, fp32_modules, mixed_bf16
 from .cpu import CpuFeatures, cpu_features, cpu_supports_bf16
+from .int8 import Calibration, QuantizedNetwork
 from .onnx_runner import OnnxRunner, export_onnx, onnx_available, onnx_cache_dir, onnx_cache_path
-from .openvino_runner import OpenVinoRunner, export_openvino, openvino_available, openvino_cache_path, openvino_pieces
+from .openvino_runner import (
+    OpenVinoRunner,
+    export_openvino,
+    openvino_available,
+    openvino_cache_path,
+    openvino_pieces,
+    quantize_int8,
+)
 from .torch_runner import TorchRunner
 
 if TYPE_CHECKING:
@@ -140,12 +152,18 @@ def default_batch_size(runtime: str) -> int:
     return RUNNERS[runtime].default_batch_size
 
 
-def get_runner(backbone: "Backbone", runtime: str = "auto", precision: str = "auto") -> Runner:
+def get_runner(backbone: "Backbone", runtime: str = "auto", precision: str = "auto", *,
+               calibration: Calibration | None = None, network: QuantizedNetwork | None = None) -> Runner:
     """The runner of ``backbone`` for ``runtime`` and ``precision`` (both resolved first), built once.
 
     The same backbone identity, runtime and precision (with bf16's fp32 pieces and the export folder)
     give the same runner object until it drops out of the cache. When the runtime is not installed
     or its conversion fails, warns and returns the PyTorch runner at the same precision.
+
+    A calibrated precision (int8) needs exactly one of ``calibration`` (images to quantise on: the
+    network is made, or read from the disk cache, keyed by their digest) and ``network`` (a network
+    made before, e.g. stored in a model file); it is an error for the others. An int8 runner that
+    cannot be built raises: no other runtime runs int8.
 
     Example:
         >>> from dn2.backbones import load_backbone
@@ -154,20 +172,30 @@ def get_runner(backbone: "Backbone", runtime: str = "auto", precision: str = "au
         True
     """
     precision = resolve_precision(precision, runtime)
+    calibrated = PRECISION_TABLE[precision].calibrated
+    if calibrated and (calibration is None) == (network is None):
+        raise ValueError(f"precision={precision!r} needs either calibration images or a quantised network "
+                         "(DN2 and Embedder calibrate on the images they are fitted on)")
+    if not calibrated and (calibration is not None or network is not None):
+        raise ValueError(f"calibration and network apply to precision='int8' only, not {precision!r}")
     runtime = resolve_runtime(runtime, precision)
     cls = RUNNERS[runtime]
     if not cls.available():
+        if calibrated:
+            raise ValueError(f"precision={precision!r} runs on {runtimes_for(precision)} only; "
+                             f"runtime={runtime!r} needs {cls.requirement}")
         warnings.warn(f"runtime={runtime!r} needs {cls.requirement}; using torch", stacklevel=2)
         return get_runner(backbone, "torch", precision)
-    key = cls.cache_key(backbone, precision)
+    int8_source = {"calibration": calibration, "network": network} if calibrated else {}
+    key = cls.cache_key(backbone, precision, **int8_source)
     with _cache_lock:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
     try:
-        runner = cls.build(backbone, precision)
+        runner = cls.build(backbone, precision, **int8_source)
     except Exception as e:  # noqa: BLE001 - any conversion/compilation failure means: use torch
-        if cls is TorchRunner:
+        if cls is TorchRunner or calibrated:
             raise
         warnings.warn(f"{runtime} conversion or compilation for {backbone.config.name} failed "
                       f"({type(e).__name__}: {e}); using torch", stacklevel=2)
@@ -208,6 +236,7 @@ __all__ = [
     "AUTO_PRECISION_ORDER",
     "AUTO_RUNTIME_ORDER",
     "BF16_FP32_PARTS",
+    "Calibration",
     "CpuFeatures",
     "DEFAULT_BATCH_SIZE",
     "OnnxRunner",
@@ -215,6 +244,7 @@ __all__ = [
     "PRECISIONS",
     "PRECISION_TABLE",
     "Precision",
+    "QuantizedNetwork",
     "RUNNERS",
     "RUNNER_CACHE_SIZE",
     "RUNTIMES",
@@ -230,6 +260,7 @@ __all__ = [
     "export_openvino",
     "fp32_modules",
     "get_runner",
+    "int8",
     "mixed_bf16",
     "onnx_available",
     "onnx_cache_dir",
@@ -237,6 +268,7 @@ __all__ = [
     "openvino_available",
     "openvino_cache_path",
     "openvino_pieces",
+    "quantize_int8",
     "resolve_precision",
     "resolve_runtime",
     "runtimes_for",

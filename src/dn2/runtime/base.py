@@ -14,7 +14,7 @@ Example:
     >>> from dn2.runtime.base import PRECISION_TABLE
     >>> from dn2.runtime.cpu import cpu_features
     >>> sorted(PRECISION_TABLE)
-    ['bf16', 'fp32']
+    ['bf16', 'fp32', 'int8']
     >>> PRECISION_TABLE["fp32"].is_native(cpu_features())  # fp32 needs no special instructions
     True
 """
@@ -33,10 +33,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Hashable
 import torch
 
 from .bf16 import fp32_parts
-from .cpu import BF16_NATIVE_FEATURES, CpuFeatures
+from .cpu import BF16_NATIVE_FEATURES, INT8_NATIVE_FEATURES, CpuFeatures
 
 if TYPE_CHECKING:
     from ..backbones import Backbone
+    from .int8 import Calibration, QuantizedNetwork
 
 __all__ = [
     "AUTO_PRECISION_ORDER",
@@ -56,11 +57,14 @@ class Precision:
 
     ``native_on``: :class:`~dn2.runtime.cpu.CpuFeatures` names of which any one makes it native;
     empty means native everywhere. Only native precisions are candidates for ``precision="auto"``.
+    ``calibrated``: the network is derived from sample images (int8's quantisation ranges), so a
+    runner of this precision needs a calibration or the network it produced (:func:`dn2.runtime.get_runner`).
     """
 
     name: str
     native_on: tuple[str, ...] = ()
     description: str = ""
+    calibrated: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.native_on) - set(CpuFeatures.names())
@@ -72,18 +76,25 @@ class Precision:
         return not self.native_on or features.has_any(self.native_on)
 
 
-# Every precision dn2 knows. A new one (e.g. int8) is one entry here, plus its name in the
-# ``precisions`` of the runners that can run it; "auto" considers it only if listed in
-# AUTO_PRECISION_ORDER (a precision that costs accuracy should be asked for, not chosen).
+# Every precision dn2 knows. A new one is one entry here, plus its name in the ``precisions`` of the
+# runners that can run it; "auto" considers it only if listed in AUTO_PRECISION_ORDER (a precision
+# that costs accuracy should be asked for, not chosen).
 PRECISION_TABLE: dict[str, Precision] = {
     "fp32": Precision("fp32", description="float32 everywhere: the reference numerics"),
     "bf16": Precision("bf16", native_on=BF16_NATIVE_FEATURES,
                       description="bfloat16 matrix arithmetic with the early layers in fp32 (BF16_FP32_PARTS)"),
+    "int8": Precision("int8", native_on=INT8_NATIVE_FEATURES, calibrated=True,
+                      description="int8 convolutions quantised on the fit images (NNCF; early layers and depthwise "
+                                  "convolutions in fp32; 7-bit weights: same results with or without VNNI); OpenVINO"),
 }
 
 # What "auto" picks, first native one wins (fp32 is native everywhere). bf16 is listed: its accuracy
 # cost was measured negligible after the transforms that declare ``bf16_safe`` (dn2.normalize); dn2.settings.Method
-# narrows "auto" to fp32 for the others before it gets here.
+# narrows "auto" to fp32 for the others before it gets here. int8 is not listed, on purpose (BENCHMARKS.md,
+# "int8"): for EfficientNet-Lite (both presets) it was measured 1.1-1.7x fp32, little or nothing over the bf16
+# guard, and its per-fit calibration costs more than the fit of 1,000 images; for ResNet-class networks it is
+# 2.7x on VNNI CPUs, but their int8 accuracy could not be measured (no offline ImageNet weights), and "auto" must
+# not choose what was not measured both faster and within the accuracy budget. Ask for it: precision="int8".
 AUTO_PRECISION_ORDER: tuple[str, ...] = ("bf16", "fp32")
 
 
@@ -149,13 +160,24 @@ class Runner(ABC):
 
     @classmethod
     @abstractmethod
-    def build(cls, backbone: "Backbone", precision: str) -> "Runner":
-        """Convert/compile ``backbone`` for ``precision`` (one of :attr:`precisions`); raises if that fails."""
+    def build(cls, backbone: "Backbone", precision: str, *, calibration: "Calibration | None" = None,
+              network: "QuantizedNetwork | None" = None) -> "Runner":
+        """Convert/compile ``backbone`` for ``precision`` (one of :attr:`precisions`); raises if that fails.
+
+        A ``calibrated`` precision (int8) is built from the ``calibration`` images, or runs the ``network``
+        they produced before (from a model file); :func:`dn2.runtime.get_runner` checks that exactly one is given.
+        """
 
     @classmethod
-    def cache_key(cls, backbone: "Backbone", precision: str) -> Hashable:
-        """What makes two runners interchangeable: runtime, precision (bf16: with its fp32 pieces), backbone identity."""
-        parts = fp32_parts() if precision == "bf16" else ()
+    def cache_key(cls, backbone: "Backbone", precision: str, *, calibration: "Calibration | None" = None,
+                  network: "QuantizedNetwork | None" = None) -> Hashable:
+        """What makes two runners interchangeable: runtime, precision (bf16: with its fp32 pieces; int8: the
+        calibration sample's digest or the network's sha256), backbone identity."""
+        parts: tuple[str, ...] = fp32_parts() if precision == "bf16" else ()
+        if network is not None:
+            parts = ("network", network.sha256)
+        elif calibration is not None:
+            parts = ("calibration", calibration.digest)
         return (cls.name, precision, parts, *backbone_identity(backbone))
 
     @abstractmethod

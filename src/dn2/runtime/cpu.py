@@ -19,7 +19,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["BF16_NATIVE_FEATURES", "CpuFeatures", "cpu_features", "cpu_supports_bf16", "parse_cpuinfo"]
+__all__ = [
+    "BF16_NATIVE_FEATURES", "INT8_NATIVE_FEATURES", "CpuFeatures", "cpu_features", "cpu_supports_bf16", "parse_cpuinfo",
+]
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,11 @@ class CpuFeatures:
 # Any of these makes bf16 matrix arithmetic native; without them oneDNN emulates bf16, many times
 # slower than fp32 (BENCHMARKS.md), so "auto" must not pick it.
 BF16_NATIVE_FEATURES: tuple[str, ...] = ("avx512_bf16", "amx_bf16")
+
+# Any of these gives int8 dot products (u8 x s8 summed into int32 in one instruction). Without them
+# (AVX2, AVX-512 without VNNI) oneDNN multiplies through int16 pairs, which saturate: dn2's int8
+# networks use 7-bit weights so that they compute the same there, only slower (runtime/int8.py).
+INT8_NATIVE_FEATURES: tuple[str, ...] = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
 def parse_cpuinfo(text: str) -> CpuFeatures:

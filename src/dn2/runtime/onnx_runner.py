@@ -19,7 +19,7 @@ import importlib.util
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Hashable
+from typing import TYPE_CHECKING, Any, Hashable
 
 import numpy as np
 import torch
@@ -100,9 +100,10 @@ class OnnxRunner(Runner):
         return onnx_available()
 
     @classmethod
-    def build(cls, backbone: "Backbone", precision: str = "fp32",
-              cache_dir: str | os.PathLike | None = None) -> "OnnxRunner":
-        """Export ``backbone`` unless its export is cached, and open a session on the file."""
+    def build(cls, backbone: "Backbone", precision: str = "fp32", cache_dir: str | os.PathLike | None = None,
+              **int8: Any) -> "OnnxRunner":
+        """Export ``backbone`` unless its export is cached, and open a session on the file (fp32 only: no
+        ``calibration``/``network``)."""
         if precision not in cls.precisions:
             raise ValueError(f"ONNX Runtime runs fp32 only, not {precision!r}")
         path = onnx_cache_path(backbone, cache_dir)
@@ -111,7 +112,7 @@ class OnnxRunner(Runner):
         return cls(path)
 
     @classmethod
-    def cache_key(cls, backbone: "Backbone", precision: str) -> Hashable:
+    def cache_key(cls, backbone: "Backbone", precision: str, **int8: Any) -> Hashable:
         return (*super().cache_key(backbone, precision), str(onnx_cache_dir()))  # type: ignore[misc]
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:

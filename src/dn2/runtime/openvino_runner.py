@@ -5,7 +5,9 @@ like the ONNX export plus the OpenVINO version; it is compiled with the image no
 into the graph, so the uint8 crops go in as they are. Measured on a 2-core AVX-512 BF16 CPU
 (BENCHMARKS.md), OpenVINO ran EfficientNet-Lite0 4x faster than eager PyTorch in fp32, and several
 times faster again in bf16. For bf16 the network is cut into pieces (:func:`openvino_pieces`): the
-early high-resolution layers are compiled in fp32, the rest in bf16.
+early high-resolution layers are compiled in fp32, the rest in bf16. For int8 the runner compiles a
+quantised network (:mod:`dn2.runtime.int8`): made from the fp32 IR with uint8 input
+(:func:`uint8_model`) and calibration images (:func:`quantize_int8`), or given as it was stored.
 
 Example:
     >>> import torch
@@ -29,13 +31,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import int8
 from .bf16 import bf16_parts, fp32_parts
 from .base import Runner, export_cache_key, runtime_cache_dir
+from .int8 import Calibration, QuantizedNetwork
 
 if TYPE_CHECKING:
     from ..backbones import Backbone
 
-__all__ = ["OpenVinoRunner", "export_openvino", "openvino_available", "openvino_cache_path", "openvino_pieces"]
+__all__ = [
+    "OpenVinoRunner", "export_openvino", "openvino_available", "openvino_cache_path", "openvino_pieces", "quantize_int8",
+    "uint8_model", "with_uint8_input",
+]
 
 
 def openvino_available() -> bool:
@@ -111,38 +118,68 @@ def openvino_pieces(backbone: "Backbone", precision: str) -> list[tuple[str, nn.
     return [("+".join(names), nn.Sequential(*mods), p) for names, mods, p in pieces]
 
 
+def with_uint8_input(model: Any, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
+    """``model`` (an ov.Model on normalised float NCHW input) taking uint8 crops: the conversion and
+    ``(x - mean) / std`` folded into the graph. Changes ``model`` in place and returns it."""
+    import openvino as ov
+    from openvino.preprocess import PrePostProcessor
+
+    ppp = PrePostProcessor(model)
+    ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NCHW"))
+    ppp.input().model().set_layout(ov.Layout("NCHW"))
+    ppp.input().preprocess().convert_element_type(ov.Type.f32).mean([m * 255.0 for m in mean]).scale(
+        [s * 255.0 for s in std])
+    return ppp.build()
+
+
+def uint8_model(backbone: "Backbone", cache_dir: str | os.PathLike | None = None) -> Any:
+    """The whole backbone as one fp32 ov.Model with uint8 input (its cached IR, exported if missing)."""
+    import openvino as ov
+
+    path = openvino_cache_path(backbone, cache_dir)
+    if not (path.is_file() and path.with_suffix(".bin").is_file()):
+        crop = backbone.config.preprocessing.crop
+        export_openvino(backbone, path, torch.zeros(2, 3, crop, crop))
+    pre = backbone.config.preprocessing
+    return with_uint8_input(ov.Core().read_model(str(path)), pre.mean, pre.std)
+
+
+def quantize_int8(backbone: "Backbone", calibration: Calibration,
+                  cache_dir: str | os.PathLike | None = None) -> QuantizedNetwork:
+    """The int8 network of ``backbone`` calibrated on ``calibration`` (:func:`dn2.runtime.int8.quantize`:
+    cached on disk, quantised from :func:`uint8_model` on a miss); ``cache_dir`` is the fp32 IR's folder."""
+    return int8.quantize(backbone, calibration, lambda: uint8_model(backbone, cache_dir))
+
+
 class OpenVinoRunner(Runner):
     """A converted backbone compiled by OpenVINO for the CPU; called on a uint8 (N, 3, H, W) batch of crops.
 
     It may be a chain of compiled pieces of different precision (see :func:`openvino_pieces`). The
-    backbone's mean/std normalisation runs inside the first compiled graph.
+    backbone's mean/std normalisation runs inside the first compiled graph. An int8 runner runs one
+    quantised network (``network``, a :class:`~dn2.runtime.int8.QuantizedNetwork`), whose graph
+    already takes uint8 crops; its float operations run in fp32.
     """
 
     name = "openvino"
-    precisions = frozenset({"fp32", "bf16"})
+    precisions = frozenset({"fp32", "bf16", "int8"})
     default_batch_size = 16
     uint8_input = True
     requirement = "the openvino package (pip install openvino)"
 
     def __init__(self, pieces: list[tuple[Path, str]], mean: tuple[float, ...], std: tuple[float, ...],
-                 precision: str = "fp32", num_threads: int | None = None):
+                 precision: str = "fp32", num_threads: int | None = None, network: QuantizedNetwork | None = None):
         import openvino as ov
-        from openvino.preprocess import PrePostProcessor
 
         core = ov.Core()
         self.precision = precision
+        self.network = network
         self.paths = [Path(path) for path, _ in pieces]
         self.piece_precisions = [p for _, p in pieces]
         self.requests = []
         for i, (path, piece_precision) in enumerate(pieces):
             model = core.read_model(str(path))
-            if i == 0:
-                ppp = PrePostProcessor(model)
-                ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NCHW"))
-                ppp.input().model().set_layout(ov.Layout("NCHW"))
-                ppp.input().preprocess().convert_element_type(ov.Type.f32).mean([m * 255.0 for m in mean]).scale(
-                    [s * 255.0 for s in std])
-                model = ppp.build()
+            if i == 0 and piece_precision != "int8":  # a quantised network was made with the uint8 input in it
+                model = with_uint8_input(model, mean, std)
             config = {
                 "INFERENCE_PRECISION_HINT": "bf16" if piece_precision == "bf16" else "f32",
                 "PERFORMANCE_HINT": "LATENCY",
@@ -155,16 +192,26 @@ class OpenVinoRunner(Runner):
         return openvino_available()
 
     @classmethod
-    def build(cls, backbone: "Backbone", precision: str = "fp32",
-              cache_dir: str | os.PathLike | None = None) -> "OpenVinoRunner":
-        """Convert the pieces of ``backbone`` not yet in the cache, then compile them all."""
+    def build(cls, backbone: "Backbone", precision: str = "fp32", cache_dir: str | os.PathLike | None = None, *,
+              calibration: Calibration | None = None, network: QuantizedNetwork | None = None) -> "OpenVinoRunner":
+        """Convert the pieces of ``backbone`` not yet in the cache, then compile them all.
+
+        int8: compile ``network``, or the network quantised on ``calibration`` (:func:`quantize_int8`).
+        """
         if precision not in cls.precisions:
             raise ValueError(f"OpenVINO runs {sorted(cls.precisions)}, not {precision!r}")
+        pre = backbone.config.preprocessing
+        if precision == "int8":
+            if network is None:
+                if calibration is None:
+                    raise ValueError("an int8 runner needs calibration images or a quantised network")
+                network = quantize_int8(backbone, calibration, cache_dir)
+            return cls([(int8.install(network), "int8")], pre.mean, pre.std, precision, network=network)
         pieces = openvino_pieces(backbone, precision)
         paths = [openvino_cache_path(backbone, cache_dir, part, piece=_layer_shapes(module) if part else None)
                  for part, module, _ in pieces]
         missing = [not (path.is_file() and path.with_suffix(".bin").is_file()) for path in paths]
-        crop = backbone.config.preprocessing.crop
+        crop = pre.crop
         example = torch.zeros(2, 3, crop, crop)  # each piece's example input is the previous piece's output
         for i, (path, (_, module, _)) in enumerate(zip(paths, pieces)):
             if missing[i]:
@@ -172,12 +219,13 @@ class OpenVinoRunner(Runner):
             if any(missing[i + 1:]):
                 with torch.no_grad():
                     example = module(example)
-        pre = backbone.config.preprocessing
         return cls([(path, p) for path, (*_, p) in zip(paths, pieces)], pre.mean, pre.std, precision)
 
     @classmethod
-    def cache_key(cls, backbone: "Backbone", precision: str) -> Hashable:
-        return (*super().cache_key(backbone, precision), str(runtime_cache_dir("openvino")))  # type: ignore[misc]
+    def cache_key(cls, backbone: "Backbone", precision: str, *, calibration: Calibration | None = None,
+                  network: QuantizedNetwork | None = None) -> Hashable:
+        key = super().cache_key(backbone, precision, calibration=calibration, network=network)
+        return (*key, str(runtime_cache_dir("openvino")), str(int8.int8_cache_dir()))  # type: ignore[misc]
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         x = np.ascontiguousarray(batch.detach().to(torch.uint8).contiguous().numpy())

@@ -10,7 +10,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Hashable
+from typing import TYPE_CHECKING, Any, Hashable
 
 import torch
 from torch.func import functional_call
@@ -51,12 +51,14 @@ class TorchRunner(Runner):
                             for name, t in tensors if t.dim() == 4}
 
     @classmethod
-    def build(cls, backbone: "Backbone", precision: str) -> "TorchRunner":
-        """The runner of ``backbone`` (nothing to convert: the copies of the conv weights are made here)."""
+    def build(cls, backbone: "Backbone", precision: str, **int8: Any) -> "TorchRunner":
+        """The runner of ``backbone`` (nothing to convert: the copies of the conv weights are made here).
+
+        It runs no calibrated precision, so ``calibration``/``network`` never reach it."""
         return cls(backbone, precision)
 
     @classmethod
-    def cache_key(cls, backbone: "Backbone", precision: str) -> Hashable:
+    def cache_key(cls, backbone: "Backbone", precision: str, **int8: Any) -> Hashable:
         # It runs this very module, so it is keyed by the object too: two loads of one backbone share
         # compiled runners (converted from the same weights file), not eager ones (a module may have
         # been changed in place since it was loaded).
