@@ -35,8 +35,8 @@ MAP_METHODS = ("spade", "patchcore")
 #: or both combined (sum of their z-scores against the training leave-one-out scores).
 IMAGE_SCORES = ("dn2", "map", "combined")
 #: Share of the patches kept when ``map_coreset`` is not given, per method. SPADE: 25% of each image's
-#: patches cost 0.2 points on every MTD metric and cut the model and the search 4x; PatchCore: 10% of all
-#: patches (1% lost 7 image-ROCAUC points to 10% on MTD). /work/scratch/maps/REPORT.md, Table 3.
+#: patches (almost no loss on MTD, a model and a search 4x smaller); PatchCore: 10% of all patches (1%
+#: lost clearly on MTD). Measurements: docs/research/maps.md, Table 3.
 MAP_CORESET_DEFAULTS = {"spade": 0.25, "patchcore": 0.1}
 #: The map settings: stored in model files only when maps are on, so image-level files are unchanged.
 MAP_SETTINGS = ("maps", "map_backbone", "map_size", "map_stages", "map_coreset", "map_k", "image_score")
@@ -169,7 +169,7 @@ class Method:
 #: paper"): the EfficientNet-Lite0 + Lite2 ensemble, each backbone's features Hellinger-normalised
 #: (signed square root + L2) on their own, k=2. Flip TTA and multi-stage pooling were measured and did
 #: not help, so they are off. Its maps (when asked for) use Lite2 alone: the best maps of the offline
-#: backbones on MTD, and the Lite0+Lite2 concatenation was no better (REPORT.md Table 1b).
+#: backbones on MTD, and the Lite0+Lite2 concatenation was no better (docs/research/maps.md, Table 1b).
 PRESETS: dict[str, Method] = {
     "paper": Method(backbone=DEFAULT_BACKBONE, k=2, normalize="none"),
     "best": Method(backbone="efficientnet_lite0+efficientnet_lite2", k=2, normalize="sqrt_l2",

@@ -8,7 +8,7 @@ Fray, Uneven). The split is fixed and documented, so results repeat:
   rounded down: 761 of 952) train, the rest + every defective image test. Names start with the
   acquisition session (``exp0`` .. ``exp6``), so the held-out normal images are mostly the last session,
   never seen in training, while the defective ones come from all sessions: a harder test than a mixed
-  split (patch methods lose 1-2 ROCAUC points to it; /work/scratch/maps/REPORT.md).
+  split (patch methods lose a little ROCAUC to it: BENCHMARKS.md, "Anomaly maps").
 - ``mtd-mixed`` (a sensitivity check, asked for explicitly): every 5th defect-free image by name
   (1 / ``test_fraction``) is test, so every session is in both sets.
 

@@ -6,11 +6,11 @@ distance to the nearest normal patch (:mod:`~dn2.maps.memory`: SPADE among the p
 training images nearest to the image by image-level DN2, or PatchCore's coreset bank of all
 training patches) is the map, sampled at the original image's pixels and smoothed; a pixel threshold
 is set without labels from leave-one-image-out maps of training images (:mod:`~dn2.maps.model`).
-:mod:`~dn2.maps.render` draws maps over images and saves them; :mod:`~dn2.maps.metrics` scores maps
+:mod:`~dn2.maps.render` saves maps (drawn by :mod:`dn2.review.overlay`); :mod:`~dn2.maps.metrics` scores maps
 against ground truth (image and pixel ROCAUC, PRO).
 
 Why SPADE by default, the features, the geometry and the thresholds: the measurements are in
-``/work/scratch/maps/REPORT.md`` and BENCHMARKS.md; the choices are documented where they are made.
+``docs/research/maps.md`` and BENCHMARKS.md; the choices are documented where they are made.
 
 Example:
     >>> import dn2

@@ -2,11 +2,11 @@
 
 Two methods, one interface (``add`` per training image, ``finish``, ``distances``, ``loo_distances``):
 
-- :class:`SpadeMemory` (SPADE, Cohen & Hoshen 2020, as measured in ``/work/scratch/maps/REPORT.md``):
+- :class:`SpadeMemory` (SPADE, Cohen & Hoshen 2020, measured in ``docs/research/maps.md``):
   each training image keeps a greedy k-center coreset of ``fraction`` of its own patches; a test patch's
   distance is to the nearest kept patch of the K training images nearest to the test image by the
   image-level DN2 embedding (the caller's neighbours). Comparing a patch only with images that look like
-  its own image is what made it beat PatchCore on MTD (94.3 vs 91.5 image ROCAUC at 10%).
+  its own image is what made it beat PatchCore on MTD (BENCHMARKS.md, "Anomaly maps").
 - :class:`PatchCoreMemory` (PatchCore, Roth et al. 2022): one bank of all training patches reduced to
   ``fraction`` by a streaming greedy k-center coreset (:class:`dn2.search.StreamingCoreset`, bounded
   memory), searched with a :mod:`dn2.search` index (``make_index``: exact or approximate).

@@ -5,8 +5,8 @@
 :data:`N_LOO_IMAGES` training images *leave-one-image-out* (each without its own patches) to set
 
 - the pixel threshold: the :data:`PIXEL_QUANTILE` quantile of their pooled map values, so about 1% of
-  the pixels of new normal images exceed it if they resemble the training images (MTD: 0.65% measured
-  with exchangeable images, 2.2% under an unseen acquisition session; REPORT.md Table 6);
+  the pixels of new normal images exceed it if they resemble the training images (measured on MTD in
+  BENCHMARKS.md, "Anomaly maps"; more under an unseen acquisition session);
 - the statistics of the map's image score (mean, std of their largest patch distance) for the
   combined score: each score minus its training leave-one-out mean, over its std, summed
   (``image_score="combined"``; the DN2 part uses the leave-one-out scores of every kept training image);
@@ -39,11 +39,11 @@ from .patches import PatchNet, patch_batches
 __all__ = ["LOO_VALUES_PER_IMAGE", "Localization", "MapModel", "N_LOO_IMAGES", "PIXEL_QUANTILE", "fit_maps",
            "loo_sample", "weighted_quantile"]
 
-#: Training images scored leave-one-out for the thresholds: 50-60 were enough for the 0.99 quantile
-#: (REPORT.md Q5; ~4 M pixels); the pass costs about as much as scoring that many new images.
+#: Training images scored leave-one-out for the thresholds: enough for a stable 0.99 quantile
+#: (docs/research/maps.md, Q5); the pass costs about as much as scoring that many new images.
 N_LOO_IMAGES = 60
 #: The pixel threshold's quantile of leave-one-out map values: about 1% of normal pixels flagged.
-#: Higher quantiles were set by a handful of odd training images and unusable (REPORT.md Table 6).
+#: Higher quantiles were set by a handful of odd training images and unusable (docs/research/maps.md, Table 6).
 PIXEL_QUANTILE = 0.99
 #: Map values kept per leave-one-out image for the pooled quantile: a regular sub-grid of the smooth
 #: map, each value weighted by the pixels it stands for, so large images count as much as their pixels.

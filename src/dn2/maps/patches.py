@@ -5,8 +5,8 @@ al. 2022): it runs the backbone only as deep as the deepest chosen stage, averag
 stage's output over every 3x3 neighbourhood (stride 1, so each location sees its neighbours),
 upsamples the deeper stages bilinearly to the shallowest one's grid and concatenates them. The
 default stages are the ones at stride 8 and 16 (``(-3, -2)``: EfficientNet-Lite blocks 2 and 4,
-ResNet layer2 and layer3), measured best for maps on MTD (``/work/scratch/maps/REPORT.md`` Table 1:
-blocks 2+3 lost 10 image-ROCAUC points, adding the stride-32 stage cost 7 PRO points).
+ResNet layer2 and layer3), measured best for maps on MTD (``docs/research/maps.md``, Table 1: shallower stages lost image
+ROCAUC, adding the stride-32 stage lost PRO).
 
 A ``PatchNet`` looks like a backbone to :func:`dn2.runtime.get_runner` (``config``, ``weights_id``,
 ``stages``), under its own name ``<backbone>:patches`` and with the input size as its crop, so its
