@@ -44,7 +44,8 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Hashable
 
 from . import bf16, cpu, int8
-from .base import AUTO_PRECISION_ORDER, PRECISION_TABLE, Precision, Runner, export_cache_key
+from .base import AUTO_PRECISION_ORDER, PRECISION_TABLE, Precision, Runner
+from .exports import export_cache_key
 from .bf16 import bf16_parts, fp32_modules, mixed_bf16
 from .cpu import CpuFeatures, cpu_features, cpu_supports_bf16
 from .int8 import Calibration, QuantizedNetwork

@@ -21,19 +21,15 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
-import json
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Hashable
+from typing import TYPE_CHECKING, ClassVar, Hashable
 
 import torch
 
 from .bf16 import fp32_parts
 from .cpu import BF16_NATIVE_FEATURES, INT8_NATIVE_FEATURES, CpuFeatures
+from .exports import backbone_identity
 
 if TYPE_CHECKING:
     from ..backbones import Backbone
@@ -44,10 +40,6 @@ __all__ = [
     "PRECISION_TABLE",
     "Precision",
     "Runner",
-    "backbone_identity",
-    "dn2_version",
-    "export_cache_key",
-    "runtime_cache_dir",
 ]
 
 
@@ -96,45 +88,6 @@ PRECISION_TABLE: dict[str, Precision] = {
 # 2.7x on VNNI CPUs, but their int8 accuracy could not be measured (no offline ImageNet weights), and "auto" must
 # not choose what was not measured both faster and within the accuracy budget. Ask for it: precision="int8".
 AUTO_PRECISION_ORDER: tuple[str, ...] = ("bf16", "fp32")
-
-
-def dn2_version() -> str:
-    """dn2's installed version, as ``dn2.__version__`` (read here without importing the package root)."""
-    try:
-        return importlib.metadata.version("dn2")
-    except importlib.metadata.PackageNotFoundError:  # a source tree without installation
-        return "0.0.0+unknown"
-
-
-def backbone_identity(backbone: "Backbone") -> tuple[str, str, int, tuple[int, ...]]:
-    """What a converted network depends on: (name, weights id, crop size, stages)."""
-    cfg = backbone.config
-    return cfg.name, backbone.weights_id, cfg.preprocessing.crop, tuple(getattr(backbone, "stages", ()))
-
-
-def export_cache_key(backbone: "Backbone", **extra: Any) -> str:
-    """A digest of what an exported network depends on: name, weights, crop, stages, dn2 and torch versions.
-
-    The exported files on disk are named by it: changing the fields or their spelling would orphan
-    every cached export, so it is kept exactly as it was when runtimes were one module.
-    """
-    name, weights_id, crop, stages = backbone_identity(backbone)
-    key = {
-        "name": name,
-        "weights_id": weights_id,
-        "crop": crop,
-        "stages": list(stages),
-        "dn2": dn2_version(),
-        "torch": torch.__version__,
-        **extra,
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def runtime_cache_dir(kind: str) -> Path:
-    """Where exported networks of one kind live: ``$DN2_CACHE/<kind>`` or ``~/.cache/dn2/<kind>``."""
-    root = os.environ.get("DN2_CACHE")
-    return Path(root) / kind if root else Path.home() / ".cache" / "dn2" / kind
 
 
 class Runner(ABC):

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 import numpy as np
 
 from ..outputs import atomic_path
-from .base import backbone_identity, dn2_version, runtime_cache_dir
+from .exports import backbone_identity, dn2_version, runtime_cache_dir
 
 if TYPE_CHECKING:
     from ..backbones import Backbone

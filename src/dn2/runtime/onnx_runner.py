@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Hashable
 import numpy as np
 import torch
 
-from .base import Runner, export_cache_key, runtime_cache_dir
+from .base import Runner
+from .exports import export_cache_key, runtime_cache_dir
 
 if TYPE_CHECKING:
     from ..backbones import Backbone

@@ -33,7 +33,8 @@ from torch import nn
 
 from . import int8
 from .bf16 import bf16_parts, fp32_parts
-from .base import Runner, export_cache_key, runtime_cache_dir
+from .base import Runner
+from .exports import export_cache_key, runtime_cache_dir
 from .int8 import Calibration, QuantizedNetwork
 
 if TYPE_CHECKING:
