@@ -9,6 +9,7 @@ the default ``best`` preset on it. Requires the serve extra. Not run in CI; figu
 only from a quiet machine.
 
     python benchmarks/serve_load.py                       # 30 s, 16 clients, synthetic images
+    python benchmarks/serve_load.py --n-images 1024       # a longer dn2 score beside it
     python benchmarks/serve_load.py --model parts.dn2 --images test_images/ --clients 32
 """
 
@@ -120,7 +121,8 @@ def mean_batch(url: str) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, help="model file (default: fit the best preset on synthetic images)")
-    p.add_argument("--images", type=Path, help="images to score (default: 128 synthetic 256 px JPEGs)")
+    p.add_argument("--images", type=Path, help="images to score (default: --n-images synthetic 256 px JPEGs)")
+    p.add_argument("--n-images", type=int, default=128, help="synthetic images to score without --images (default 128)")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--per-request", type=int, default=1, help="images per request")
@@ -128,7 +130,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="dn2-serve-load-"))
     if args.images is None:
-        synthetic(work / "images", 128, seed=1)
+        synthetic(work / "images", args.n_images, seed=1)
         args.images = work / "images"
     if args.model is None:
         synthetic(work / "normal", 200, seed=0)
