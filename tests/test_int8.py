@@ -205,6 +205,8 @@ def test_an_int8_model_scores_with_its_own_network_after_load_with_an_empty_cach
     assert loaded.embedder.identity() == model.embedder.identity()
     with pytest.warns(UserWarning, match="made in int8; scoring in fp32"):  # asked for: allowed, and warned about
         assert not np.array_equal(loaded.set_params(precision="fp32").anomaly_score(test), before)
+    again = dn2.load(loaded.save(tmp_path / "again.dn2"), progress=False)  # saved after scoring in fp32
+    np.testing.assert_array_equal(again.anomaly_score(test), before)
 
 
 @pytest.fixture
@@ -319,3 +321,21 @@ def test_an_int8_model_with_maps_quantises_the_image_network_and_keeps_the_maps_
     fp32 = dn2.DN2(preset="paper", precision="fp32", maps="patchcore", map_backbone="efficientnet_lite0", map_size=96,
                    progress=False).fit(image_folders["normal"])
     assert loaded.pixel_threshold_ == pytest.approx(fp32.pixel_threshold_, rel=1e-4)  # the maps' network is fp32's
+
+
+def test_an_int8_ensemble_keeps_one_network_per_backbone_and_refuses_them_swapped(image_folders, tmp_path):
+    model = dn2.DN2(preset="best", precision="int8", progress=False).fit(image_folders["normal"])
+    test = image_folders["test"]
+    path = model.save(tmp_path / "best-int8.dn2")
+    parts = read_header(path)["backbone"]["parts"]
+    assert [p["int8"]["backbone"] for p in parts] == ["efficientnet_lite0", "efficientnet_lite2"]
+    np.testing.assert_array_equal(dn2.load(path, progress=False).anomaly_score(test), model.anomaly_score(test))
+
+    def swap(header, tensors):
+        for suffix in ("xml", "bin"):
+            tensors[f"int8/0/{suffix}"], tensors[f"int8/1/{suffix}"] = tensors[f"int8/1/{suffix}"], tensors[f"int8/0/{suffix}"]
+        first, second = header["backbone"]["parts"]
+        first["int8"], second["int8"] = second["int8"], first["int8"]
+
+    with pytest.raises(ModelFileError, match="does not fit backbone efficientnet_lite0"):
+        dn2.load(_rewritten(path, tmp_path, swap))

@@ -254,6 +254,17 @@ def test_dn2_works_without_ray_and_says_how_to_install_it(tmp_path):
     assert 'pip install "dn2[ray]"' in done.stderr
 
 
+@pytest.mark.parametrize("options, refused", [
+    (["--precision", "int8"], "does not run precision int8"),
+    (["--maps", "spade"], "image-level scores only"),
+    (["--thumbnails"], "--thumbnails"),
+])
+def test_what_ray_does_not_run_is_refused_before_ray_starts(image_folders, tmp_path, capsys, options, refused):
+    out = tmp_path / "m.dn2"
+    assert main(["fit", str(image_folders["normal"]), "-o", str(out), "--quiet", *options, "--ray"]) == 2
+    assert refused in capsys.readouterr().err and not out.exists()
+
+
 def test_manifests_of_image_paths(tmp_path, images):
     paths = sorted(str(p) for p in images.iterdir())[:3]
     (tmp_path / "list.csv").write_text("path\n" + "\n".join(paths) + "\nmissing.png\n")

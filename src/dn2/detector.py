@@ -696,10 +696,11 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         """
         self._check_fitted()
         detector, tensors = self.detector.to_state()
-        for i, network in enumerate(getattr(self.embedder_, "int8_networks_", None) or []):
-            tensors.update(network.tensors(f"int8/{i}/"))  # its identity is in "backbone" (Embedder.identity)
+        if PRECISION_TABLE[self.method_.precision].calibrated:
+            for i, network in enumerate(self.embedder_.int8_networks_):
+                tensors.update(network.tensors(f"int8/{i}/"))  # its identity is in "backbone" (Embedder.identity)
         meta = {"kind": "DN2", "preset": self.preset, "method": self.method_.to_dict(),
-                "backbone": self.embedder_.identity(), "detector": detector}
+                "backbone": self.embedder_.identity(precision=self.method_.precision), "detector": detector}
         if getattr(self, "thumbnails_", None) is not None:
             meta["thumbnails"], thumbnail_tensors = self.thumbnails_.to_state()
             tensors = {**tensors, **thumbnail_tensors}
@@ -792,7 +793,7 @@ def load(path: str | os.PathLike, *, weights: str | os.PathLike | None = None, a
             model.embedder_.set_int8_networks(networks)
         except ValueError as e:
             raise ModelFileError(path, str(e)) from None
-    ours = model.embedder_.identity()
+    ours = model.embedder_.identity(precision=model.method_.precision)
     if ours != stored:
         diff = {k: (stored.get(k), ours.get(k)) for k in set(ours) | set(stored) if ours.get(k) != stored.get(k)}
         raise ModelFileError(

@@ -228,7 +228,8 @@ def extract(
     the readable images' places in the input).
 
     ``runtime`` is "openvino", "torch", "onnx" (ONNX Runtime, fp32 only) or "auto" (OpenVINO when
-    installed; see :mod:`dn2.runtime`); a failed conversion falls back to torch with a warning.
+    installed; see :mod:`dn2.runtime`); a failed conversion falls back to torch with a warning
+    (not in int8, which only OpenVINO runs: that is an error).
     ``precision="auto"`` is bf16 on CPUs with native bf16, else fp32; in both runtimes bf16 keeps the
     early high-resolution layers in fp32 (:data:`dn2.runtime.BF16_FP32_PARTS`).
     ``batch_size=None`` uses the runner's measured best. ``backbone`` itself is left unchanged.
@@ -322,7 +323,8 @@ def calibrate(backbone: Backbone, images: Any, *, skip_bad: bool = False, num_wo
     sample = int8.calibration_indices(len(source))
     workers = default_num_workers(len(sample)) if num_workers is None else num_workers
     crops = []
-    for batch, _, errors in _batches(source, backbone.config.preprocessing, 16, workers, indices=sample):
+    for batch, _, errors in _batches(source, backbone.config.preprocessing, int8.CALIBRATION_BATCH, workers,
+                                        indices=sample):
         for crop, message in zip(batch, errors):
             if message and not skip_bad:
                 raise BadImageError(message)
@@ -399,9 +401,12 @@ class Embedder(TransformerMixin, BaseEstimator):
         self.int8_networks_: list[QuantizedNetwork] | None = None
         if calibrated and X is not None:
             source = as_source(X)
-            self.int8_networks_ = [
-                quantize_int8(net, calibrate(net, source, skip_bad=self.skip_bad, num_workers=self.num_workers))
-                for net in self.networks_]
+            samples: dict[Preprocessing, Calibration] = {}  # backbones with one preprocessing share one sample
+            for net in self.networks_:
+                if net.config.preprocessing not in samples:
+                    samples[net.config.preprocessing] = calibrate(net, source, skip_bad=self.skip_bad,
+                                                                  num_workers=self.num_workers)
+            self.int8_networks_ = [quantize_int8(net, samples[net.config.preprocessing]) for net in self.networks_]
         return self
 
     def _calibrated(self) -> bool:
@@ -471,21 +476,24 @@ class Embedder(TransformerMixin, BaseEstimator):
         emb = self.embed(X)
         return emb.vectors if not emb.errors else emb.aligned()
 
-    def identity(self) -> dict[str, Any]:
+    def identity(self, precision: str | None = None) -> dict[str, Any]:
         """What makes embeddings comparable: backbone name, weights hash, preprocessing, dimension, and in
-        int8 the quantised network (``"int8"``: its sha256 and how it was made).
+        int8 the quantised network (``"int8"``: its sha256 and how it was made). ``precision``: the one the
+        embeddings were made in, if not this embedder's current one (a model scored in another precision
+        still saves the identity of its fit).
 
         Extraction options (``stages``, ``flip``) are included only when used, so the identity of
         the paper's plain embedding (and every cache entry and model file made with it) is unchanged.
         """
         networks = self._networks()
+        calibrated = PRECISION_TABLE[resolve_precision(precision or self.precision, self.runtime)].calibrated
         if len(networks) > 1:
-            parts = [self._identity_of(net, i) for i, net in enumerate(networks)]
+            parts = [self._identity_of(net, i, calibrated) for i, net in enumerate(networks)]
             return {"name": "+".join(p["name"] for p in parts), "parts": parts,
                     "feature_dim": sum(p["feature_dim"] for p in parts)}
-        return self._identity_of(networks[0], 0)
+        return self._identity_of(networks[0], 0, calibrated)
 
-    def _identity_of(self, network: Backbone, i: int) -> dict[str, Any]:
+    def _identity_of(self, network: Backbone, i: int, calibrated: bool) -> dict[str, Any]:
         cfg = network.config
         ident: dict[str, Any] = {
             "name": cfg.name,
@@ -498,6 +506,6 @@ class Embedder(TransformerMixin, BaseEstimator):
         if self.flip:
             ident["flip"] = True
         int8_networks = getattr(self, "int8_networks_", None)
-        if int8_networks and self._calibrated():
+        if int8_networks and calibrated:
             ident["int8"] = int8_networks[i].record()
         return ident

@@ -78,6 +78,18 @@ def _embed(args: argparse.Namespace, images: Any, folder: Path, method: Method) 
     return run
 
 
+def _check_runs_on_ray(method: Method, *, scoring: bool = False) -> None:
+    """``ValueError`` for what the Ray path does not do: int8 (the quantised networks stay on the driver)
+    and anomaly maps (made on one machine, from the images themselves); a model with maps whose image
+    score is the image-level one scores on Ray without its maps."""
+    if method.precision == "int8":
+        raise ValueError("--ray does not run precision int8 (the quantised network is made and kept on one "
+                         "machine): run without --ray, or with --precision fp32/bf16")
+    if method.maps is not None and (not scoring or method.image_score != "dn2"):
+        raise ValueError("--ray makes image-level scores only: a model with anomaly maps (--maps) is fitted, and "
+                         "one judged by its maps (--image-score) is scored, without --ray")
+
+
 def fit(model: DN2, args: argparse.Namespace, out: Path) -> int:
     """``dn2 fit --ray``: embed on Ray, fit a :class:`~dn2.ray.ShardedKNNDetector`, save; the number of
     skipped images. ``model`` holds the checked settings; it is saved fitted unless ``--ray-manifest``."""
@@ -87,7 +99,10 @@ def fit(model: DN2, args: argparse.Namespace, out: Path) -> int:
         raise ValueError(f"{printable(out)}: with --ray-manifest the output is a manifest, named *.json")
     if args.ray_shards is not None and args.ray_shards < 1:
         raise ValueError(f"--ray-shards must be at least 1, got {args.ray_shards}")
+    if model.thumbnails:
+        raise ValueError("--thumbnails reads every training image again on the driver: fit it without --ray")
     method = method_of(model)
+    _check_runs_on_ray(method)
     with ray_session(_address(args), num_cpus=None), _embedding_folder(args, out.parent) as folder:
         run = _embed(args, args.images if len(args.images) > 1 else args.images[0], folder, method)
         n_shards = args.ray_shards or args.ray_workers or int(ray.cluster_resources().get("CPU", 1))
@@ -163,6 +178,7 @@ def score(args: argparse.Namespace) -> Scored:
                 raise ValueError(f"{args.model} holds a detector on embeddings, not an image model")
             detector, method = loaded.detector, loaded.method_
         method = _scoring_method(method, args)
+        _check_runs_on_ray(method, scoring=True)
         with _embedding_folder(args, Path(args.csv).resolve().parent if args.csv else Path.cwd()) as folder:
             # Embedding first, then the shards: actors hold their CPUs while they live.
             _embed(args, args.images if len(args.images) > 1 else args.images[0], folder, method)

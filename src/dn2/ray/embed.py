@@ -261,9 +261,9 @@ def embed_to_parquet(
     restarted up to ``max_restarts`` times, a shard retried up to ``max_task_retries`` times.
     Runs inside :func:`dn2.ray.ray_session` (a local Ray is started if none is open).
     """
-    if method.precision == "auto":
-        raise ValueError("method.precision must be resolved (fp32 or bf16) so that every node computes the same; "
-                         "use dn2.ray.method_of(model)")
+    if method.precision not in ("fp32", "bf16"):
+        raise ValueError(f"method.precision must be fp32 or bf16 (resolved, so that every node computes the same: "
+                         f"dn2.ray.method_of(model); int8 networks are not shipped to the actors), got {method.precision!r}")
     for name, value, low in (("shard_rows", shard_rows, 1), ("workers", workers, 1), ("num_workers", num_workers, 0),
                              ("max_restarts", max_restarts, 0), ("max_task_retries", max_task_retries, 0)):
         if value is not None and (not isinstance(value, int) or value < low):

@@ -1,8 +1,9 @@
 """What identifies an exported network, and where exports are cached on disk.
 
-Every runtime that converts a backbone (OpenVINO, ONNX, the int8 quantisation) names its files by
-:func:`export_cache_key` under :func:`runtime_cache_dir`, so a changed backbone, weights file, crop,
-set of stages, dn2 or torch version never reuses a stale export.
+The runtimes that convert a backbone (OpenVINO, ONNX) name their files by :func:`export_cache_key`
+under :func:`runtime_cache_dir`, so a changed backbone, weights file, crop, set of stages, dn2 or
+torch version never reuses a stale export; the int8 quantisation keys its files by
+:func:`backbone_identity` plus its calibration and recipe (:mod:`dn2.runtime.int8`).
 
 Example:
     >>> runtime_cache_dir("openvino").name

@@ -129,7 +129,7 @@ class Calibration:
     @classmethod
     def from_crops(cls, crops: np.ndarray) -> "Calibration":
         """A calibration of uint8 crops (N >= 1, 3 channels, square); the digest is computed here."""
-        crops = np.ascontiguousarray(crops)
+        crops = np.array(crops, order="C", copy=True)  # frozen below: the caller's array stays theirs
         if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[1] != 3 or crops.shape[2] != crops.shape[3]:
             raise ValueError(f"calibration crops must be uint8 (N, 3, S, S), got {crops.dtype} {crops.shape}")
         if len(crops) == 0:
@@ -220,6 +220,7 @@ def _quiet_nncf() -> Iterator[Any]:
     its progress bars go to stdout; dn2 reports the quantisation in its own log instead.
     """
     require_nncf()
+    ci_before = os.environ.get("NNCF_CI")
     os.environ.setdefault("NNCF_CI", "1")
     torch_ext = logging.getLogger("torch.utils.cpp_extension")  # warns about CUDA_HOME when NNCF imports it
     torch_ext.addFilter(_drop)  # a filter, not a level: torch's logging setup resets levels
@@ -228,6 +229,8 @@ def _quiet_nncf() -> Iterator[Any]:
     try:
         import nncf
 
+        if ci_before is None:  # read at import: the process's environment is left as it was
+            os.environ.pop("NNCF_CI", None)
         nncf.set_log_level(logging.ERROR)
         with contextlib.redirect_stdout(io.StringIO()):
             yield nncf
@@ -297,12 +300,16 @@ def _versions() -> dict[str, str]:
 
 def network_info(backbone: "Backbone", calibration: Calibration) -> dict[str, Any]:
     """What a quantisation depends on: backbone identity (+ normalisation), calibration, recipe, versions."""
+    return {**_made_for(backbone), "calibration": {"images": len(calibration), "sha256": calibration.digest},
+            "recipe": dict(RECIPE), "versions": _versions()}
+
+
+def _made_for(backbone: "Backbone") -> dict[str, Any]:
+    """The backbone an int8 network is made from: identity and the normalisation folded into its graph."""
     name, weights_id, crop, stages = backbone_identity(backbone)
     pre = backbone.config.preprocessing
     return {"backbone": name, "weights_id": weights_id, "crop": crop, "stages": list(stages),
-            "mean": list(pre.mean), "std": list(pre.std),
-            "calibration": {"images": len(calibration), "sha256": calibration.digest},
-            "recipe": dict(RECIPE), "versions": _versions()}
+            "mean": list(pre.mean), "std": list(pre.std)}
 
 
 def _read_verified(xml_path: Path, sha256: str) -> tuple[bytes, bytes] | None:
@@ -330,6 +337,7 @@ def quantize(backbone: "Backbone", calibration: Calibration, float_model: Callab
     on a cache miss. The cache entry is ``<name>-<key>.xml/.bin`` with a ``.json`` record holding the IR's
     sha256, written last and checked on every read, so a damaged entry is made again.
     """
+    require_nncf()  # the key names NNCF's version: without NNCF no entry can match
     info = network_info(backbone, calibration)
     key = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:32]
     root = int8_cache_dir(cache_dir)
@@ -342,7 +350,6 @@ def quantize(backbone: "Backbone", calibration: Calibration, float_model: Callab
         cached = None
     if cached is not None:
         return QuantizedNetwork(*cached, info)
-    require_nncf()
     import openvino as ov
 
     start = time.perf_counter()
@@ -387,5 +394,9 @@ def check_network(network: QuantizedNetwork, backbone: "Backbone") -> None:
             outputs[0].get_partial_shape() != ov.PartialShape([-1, dim]):
         problems.append(f"output {[(str(o.get_element_type()), str(o.get_partial_shape())) for o in outputs]}, "
                         f"expected f32 [?,{dim}]")
+    made_for = _made_for(backbone)
+    other = {k: network.info.get(k) for k, v in made_for.items() if network.info.get(k) != v}
+    if other:  # e.g. two networks of an ensemble swapped: same shapes, another backbone
+        problems.append(f"made for {other}, not {({k: made_for[k] for k in other})}")
     if problems:
         raise ValueError(f"the int8 network does not fit backbone {backbone.config.name}: {'; '.join(problems)}")
