@@ -298,11 +298,15 @@ def _score_maps(model: Any, source: Any, emb: Any, rows: list[dict[str, str]], s
                    flagged_pixels=f"{float((heat > pixel_threshold).mean()):.6f}")
         if paths is not None:
             save_map(paths[loc.index], source.load(loc.index), heat, pixel_threshold, force=force)
-    reasons = {message.split(": ", 1)[0]: message for message in skipped[before:]}
     for position in emb.positions:
-        if int(position) not in mapped and own_score:  # no map, so no score by the model's rule
-            name = emb.input_names[int(position)]
-            rows[int(position)] = _skipped_row(name, reasons.get(name, f"{name}: no anomaly map"))
+        if int(position) in mapped:
+            continue
+        name = emb.input_names[int(position)]  # messages name the file by its path, which ends with the name
+        reason = next((m for m in skipped[before:] if name in m), f"{name}: no anomaly map")
+        if own_score:  # no map, so no score by the model's rule
+            rows[int(position)] = _skipped_row(name, reason)
+        else:  # the image-level verdict stands; the row says why its map is missing
+            rows[int(position)]["reason"] = reason
     return len(mapped)
 
 

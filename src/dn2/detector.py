@@ -530,6 +530,7 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         self.check_params()
         method = self.method()
         self.method_ = method.fitted(resolve_precision(method.extraction_precision(), self.runtime))
+        nets = self._patch_nets() if self.method_.maps else None  # map settings checked before any embedding
         source = as_source(X)
         self.embedder_ = self._make_embedder(self.method_).fit(source)
         train = self.embedder_.embed(source)
@@ -542,23 +543,26 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         # thumbnails_: dn2.thumbnails.Thumbnails of the memory images (row i = memory row i), or None
         self.thumbnails_ = (thumbnails_of(source, train.positions[self.detector_.kept_], self.thumbnails)
                             if self.thumbnails else None)
-        self.maps_ = self._fit_maps(source, train) if self.method_.maps else None
+        self.maps_ = self._fit_maps(nets, source, train) if nets is not None else None
         return self
 
-    def _fit_maps(self, source: Any, train: Embeddings) -> MapModel:
+    def _fit_maps(self, nets: list[PatchNet], source: Any, train: Embeddings) -> MapModel:
         """The maps of the kept training images (the image-level detector is fitted: it chose them)."""
         m, det = self.method_, self.detector_
         positions = train.positions[det.kept_]
         spade = m.maps == "spade"
-        return fit_maps(self._patch_nets(), source, positions, method=m.maps, fraction=m.map_coreset, k=m.map_k,
+        return fit_maps(nets, source, positions, method=m.maps, fraction=m.map_coreset, k=m.map_k,
                         image_score=m.image_score, image_index=det.index_ if spade else None,
                         image_memory=det.memory_ if spade else None, dn2_loo=det.train_scores_[det.kept_],
                         rate=self.fpr if self.contamination is None else self.contamination, index=self.index,
                         index_params=self.index_params, skipped=self.skipped_, **self._map_run_options())
 
     def _patch_nets(self) -> list[PatchNet]:
+        """The map's patch networks; ``weights`` (a file of the image-level backbone's weights) is used for
+        them only when the map backbone is that backbone ("random", for tests, always)."""
         m = self.method_
-        return load_patch_nets(m.map_backbone, self.weights, m.map_stages, m.map_size)
+        weights = self.weights if self.weights == "random" or m.map_backbone == m.backbone else None
+        return load_patch_nets(m.map_backbone, weights, m.map_stages, m.map_size)
 
     def _map_run_options(self) -> dict[str, Any]:
         precision = self._scoring_precision()
@@ -646,6 +650,8 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         """
         maps = self._fitted_maps()
         source = as_source(X)
+        if embeddings is not None and embeddings.n_inputs != len(source):
+            raise ValueError(f"embeddings of {embeddings.n_inputs} images for {len(source)} inputs")
         emb = self.embed(source) if embeddings is None else embeddings
         if skipped is not None and embeddings is None:
             skipped.extend(emb.skipped)
@@ -695,6 +701,8 @@ class DN2(ThresholdedScores, OutlierMixin, BaseEstimator):
         the loader's choice. An int8 model also stores its quantised networks (OpenVINO IR bytes).
         """
         self._check_fitted()
+        if self.method_.maps and getattr(self, "maps_", None) is None:
+            raise ValueError("the method has maps but no map model was fitted (fit without --ray)")
         detector, tensors = self.detector.to_state()
         if PRECISION_TABLE[self.method_.precision].calibrated:
             for i, network in enumerate(self.embedder_.int8_networks_):
@@ -776,7 +784,7 @@ def load(path: str | os.PathLike, *, weights: str | os.PathLike | None = None, a
     if weights is None and stored.get("weights_id") == "random:0":
         weights = "random"  # not a file: the deterministic random initialisation used in tests and benchmarks
     if weights is None and not allow_download:
-        for name in backbone_names(method.backbone):
+        for name in backbone_names(method.backbone) + (backbone_names(method.map_backbone) if method.maps else []):
             if backbone_status(name) == "download":
                 raise ModelFileError(path, f"the weights of backbone {name!r} are not on this machine; pass "
                                      "weights=FILE (--weights FILE), or allow_download=True (--allow-download)")

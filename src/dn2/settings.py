@@ -70,9 +70,9 @@ class Method:
     map_coreset: share of the patches kept (None: :data:`MAP_CORESET_DEFAULTS`; resolved when fitted).
     map_k: SPADE's number of nearest training images.
     image_score: the image score of a model with maps, one of :data:`IMAGE_SCORES`. "dn2" (default):
-        the image-level score, unchanged, because patch evidence cost ~5 ROCAUC points on semantic
-        anomalies (CIFAR-10); "combined" helped defect data (MTD +1.4) and is the choice for parts,
-        textures and defects; "map": the map's largest patch distance alone.
+        the image-level score, unchanged, because patch evidence hurt on semantic anomalies
+        (CIFAR-10); "combined" helped on defect data (MTD) and is the choice for parts, textures and
+        defects; "map": the map's largest patch distance alone (BENCHMARKS.md, "Anomaly maps").
     """
 
     backbone: str = DEFAULT_BACKBONE

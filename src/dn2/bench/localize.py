@@ -157,6 +157,8 @@ def localize_one(ds: MaskedDataset, method: str, backbone: str | None, *, preset
     score_seconds, score_peak = time.perf_counter() - start, peak_memory()
     echo(f"{method} {backbone}: scored {len(results)} images in {score_seconds:.1f} s (peak {score_peak:.0f} MiB)")
 
+    if not results:
+        raise ValueError(f"{ds.name}: no test image could be read")
     maps = model.maps_
     index = np.array([r.index for r in results], dtype=np.int64)
     labels = ds.test.labels[index]
@@ -166,6 +168,8 @@ def localize_one(ds: MaskedDataset, method: str, backbone: str | None, *, preset
     low = min(float(r.grid.min()) for r in results)
     high = max(float(r.grid.max()) for r in results)
     types = [c for c in range(len(ds.classes)) if c != ds.normal and (labels == c).any()]
+    if not types:
+        raise ValueError(f"{ds.name}: no defective test image was read: nothing to localise")
     pixels = {c: PixelMetrics(low, high, PIXEL_BINS) for c in [*types, "all"]}
     per_image: list[tuple[float, int]] = []
     flagged = np.zeros(4, dtype=np.int64)  # normal pixels of defect-free images: flagged, all; defect pixels: same
@@ -178,7 +182,7 @@ def localize_one(ds: MaskedDataset, method: str, backbone: str | None, *, preset
         flagged[2:] += int(above[mask].sum()), int(mask.sum())
         for key in (types if label == ds.normal else [label]) + ["all"]:
             pixels[key].add(mask, heat)
-        if label != ds.normal and mask.any():  # an empty mask (allowed by some datasets) has no pixel ROCAUC
+        if label != ds.normal and mask.any() and not mask.all():  # one class only: no pixel ROCAUC
             per_image.append((auroc(mask.ravel(), heat.ravel()), r.index))
 
     def row(name: str, chosen: np.ndarray, metrics: PixelMetrics) -> list[Any]:

@@ -209,6 +209,12 @@ class MapModel:
         if stored != ours:
             raise ValueError(f"maps: patch networks differ from those the model was fitted with "
                              f"(stored {stored!r}, loaded {ours!r}); pass the original weights")
+        unknown = set(header) - {"nets", "memory", "n_images", "dn2_stats", "pixel_threshold", "image_threshold"}
+        if unknown:
+            raise ValueError(f"unknown maps fields {sorted(unknown)}")
+        if (image_score == "dn2") != (header.get("image_threshold") is None):
+            raise ValueError(f"maps image_threshold must be null exactly when the image score is 'dn2' "
+                             f"(image score {image_score!r}, image_threshold {header.get('image_threshold')!r})")
         n_images = header.get("n_images")
         if not isinstance(n_images, int) or isinstance(n_images, bool) or n_images < 2:
             raise ValueError(f"maps n_images must be an integer >= 2, got {n_images!r}")

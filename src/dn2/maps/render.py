@@ -41,10 +41,10 @@ def output_names(names: Sequence[str]) -> list[str]:
         stem = re.sub(r"[^A-Za-z0-9._-]", "_", str(name).replace("/", "__").replace("\\", "__")).lstrip(".") or "image"
         stem = candidate = stem[:200]
         n = 1
-        while candidate in taken:
+        while candidate.casefold() in taken:  # "A.png" and "a.png" are one file on some file systems
             n += 1
             candidate = f"{stem}-{n}"
-        taken.add(candidate)
+        taken.add(candidate.casefold())
         out.append(candidate)
     return out
 

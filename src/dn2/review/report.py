@@ -22,6 +22,7 @@ from __future__ import annotations
 import html
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,7 +31,7 @@ from ..images import ImageSource
 from ..outputs import atomic_path, check_output_path
 from ..thumbnails import make_thumbnail
 from .assets import asset
-from .results import anomaly_maps, data_url, error_record, judge, overlay_url, record
+from .results import data_url, error_record, judge, maps_enabled, overlay_url, record
 
 __all__ = ["QUERY_SIZE", "REPORT_FILE", "report_html", "report_records", "report_target", "write_report"]
 
@@ -118,6 +119,12 @@ def report_records(model: Any, source: ImageSource, embeddings: Embeddings, expl
         return data_url(thumbs[row], thumbs.media_type) if thumbs is not None else None
 
     verdicts = judge(detector, embeddings.vectors, explain)
+    # The maps' grids of every image (small: the map is made at full size one image at a time, below),
+    # from the same embeddings as the scores, so the report and the CSV agree.
+    located = {r.index: r for r in model.localize(source, embeddings=embeddings)} if maps_enabled(model) else {}
+    own_score = maps_enabled(model) and model.method_.image_score != "dn2"
+    if own_score:
+        verdicts = replace(verdicts, threshold=float(model.threshold_))
     by_position = {int(p): i for i, p in enumerate(embeddings.positions)}
     names = embeddings.input_names or source.names()
     out = []
@@ -127,10 +134,13 @@ def report_records(model: Any, source: ImageSource, embeddings: Embeddings, expl
             continue
         i = by_position[position]
         image = source.load(position)
-        amaps = anomaly_maps(model, [image])
-        heatmap = overlay_url(model, image, amaps.maps[0]) if amaps else None
-        if amaps is not None:
-            verdicts = amaps.apply(verdicts, i)
+        loc = located.get(position)
+        if own_score:  # judged by the model's own image score, which needs the map
+            if loc is None:
+                out.append(error_record(name, f"{name}: no anomaly map (the image could not be read whole)"))
+                continue
+            verdicts.scores[i] = loc.image_score
+        heatmap = overlay_url(model, image, loc.map()) if loc is not None else None
         rec = record(embeddings.names[i], verdicts, i, detector, thumbnail=thumbnail, heatmap=heatmap)
         rec["image"] = data_url(make_thumbnail(image, QUERY_SIZE), "image/jpeg")
         out.append(rec)
