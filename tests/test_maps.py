@@ -306,3 +306,21 @@ def test_patchcore_bank_searched_by_an_approximate_index_survives_save_and_load(
     _, tensors = read_model(tmp_path / "ivf.dn2")
     assert {"maps/index/centres", "maps/index/order", "maps/index/offsets"} <= set(tensors)
     np.testing.assert_array_equal(loaded.anomaly_map([texture(3)])[0], model.anomaly_map([texture(3)])[0])
+
+
+def test_an_unreadable_image_between_readable_ones_keeps_its_place(normals, tmp_path):
+    model = fit(normals, "spade", image_score="combined", skip_bad=True)
+    folder = tmp_path / "queries"
+    folder.mkdir()
+    texture(100).save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"not an image")
+    texture(101, defect=True).save(folder / "c.png")
+    with pytest.warns(UserWarning, match="b.png"):
+        maps = model.anomaly_map(folder)
+    assert [m is None for m in maps] == [False, True, False] and maps[2].shape == (H, W)
+    with pytest.warns(UserWarning, match="b.png"):
+        scores, verdicts = model.anomaly_score(folder), model.predict(folder)
+    assert np.isnan(scores[1]) and scores[2] > scores[0] and verdicts[1] == 0
+    with pytest.warns(UserWarning, match="b.png"):
+        masks = model.predict_mask(folder)
+    assert masks[1] is None and masks[2][DEFECT].mean() > masks[0][DEFECT].mean()

@@ -115,3 +115,21 @@ def test_bench_refuses_datasets_of_the_other_kind(tmp_path, capsys):
             texture(i).save(tmp_path / "classes" / kind / f"{i}.png")
     assert main(["bench", "localize", "--data", str(tmp_path / "classes"), "--quiet"]) == 2
     assert "masks" in capsys.readouterr().err
+
+
+def test_an_unreadable_image_among_readable_ones_keeps_its_row_and_gets_no_map(model_file, folders, tmp_path, capsys):
+    images = tmp_path / "mixed"
+    images.mkdir()
+    for name in ("a.png", "c.png"):
+        (images / name).write_bytes((folders / "new" / "good.png").read_bytes())
+    (images / "b.png").write_bytes(b"not an image")
+    out, table = tmp_path / "maps", tmp_path / "scores.csv"
+    with pytest.warns(UserWarning, match="b.png"):
+        code = main(["score", str(model_file), str(images), "--map-dir", str(out), "--csv", str(table), "--skip-bad",
+                     "--runtime", "torch", "--quiet"])
+    assert code == 1 and "wrote 2 map overlays" in capsys.readouterr().out
+    rows = list(csv.DictReader(table.open()))
+    assert [(r["image"], r["verdict"]) for r in rows] == [("a.png", "normal"), ("b.png", "skipped"), ("c.png", "normal")]
+    assert rows[0]["map_score"] == rows[2]["map_score"] != "" and rows[1]["map_score"] == ""
+    assert sorted(p.name for p in out.iterdir()) == ["a.png.map.npy", "a.png.overlay.png", "c.png.map.npy",
+                                                     "c.png.overlay.png"]
