@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--maps", default="spade", help="spade (default) or patchcore")
     args = p.parse_args(argv)
 
-    print(header())
+    print(header("Anomaly maps on CIFAR-10: do patches help whole-image detection of semantic anomalies?"))
     ds = load_dataset(args.data)
     classes = range(min(args.classes, len(ds.classes)))
     train_names = ds.train.source.names()
