@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from ..config import working_memory_bytes
 from ..detector import clean_training_set
 from ..group import SetDetector, covariance_trace
+from ..maps.metrics import auroc
 from ..search import kmeans, knn, knn_score, pairwise_distances
 from .data import BenchData, paper_numbers
 from .report import Plot, Table
@@ -60,10 +60,7 @@ FIGURE_ONLY = "paper: figure only (no numbers to compare with)"
 
 def rocauc(is_anomaly: np.ndarray, scores: np.ndarray) -> float:
     """ROCAUC in % of anomaly scores (higher = more anomalous); NaN if only one kind is present."""
-    is_anomaly = np.asarray(is_anomaly, dtype=bool)
-    if is_anomaly.all() or not is_anomaly.any():
-        return float("nan")
-    return float(100.0 * roc_auc_score(is_anomaly, scores))
+    return 100.0 * auroc(is_anomaly, scores)
 
 
 def _mean(values: Sequence[float]) -> float:

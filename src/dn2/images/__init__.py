@@ -25,7 +25,7 @@ Example:
 """
 
 from .archives import ZipArchive, image_members, list_zip_images
-from .decode import DECODED_FORMATS, array_to_image, open_image, resize_and_crop, to_rgb
+from .decode import DECODED_FORMATS, RESAMPLE, array_to_image, open_image, resize_and_crop, to_rgb
 from .errors import BadImageError, printable
 from .files import (
     IMAGE_EXTENSIONS,
@@ -52,6 +52,7 @@ from .sources import (
 __all__ = [
     "DECODED_FORMATS",
     "IMAGE_EXTENSIONS",
+    "RESAMPLE",
     "SOURCE_KINDS",
     "ArraySource",
     "BadImageError",

@@ -34,7 +34,7 @@ from .. import config
 from .errors import BadImageError, printable
 from .files import read_file
 
-__all__ = ["DECODED_FORMATS", "array_to_image", "open_image", "resize_and_crop", "to_rgb"]
+__all__ = ["DECODED_FORMATS", "RESAMPLE", "array_to_image", "open_image", "resize_and_crop", "to_rgb"]
 
 #: Pillow format names that are decoded: those of the image extensions (the JPEG decoder also
 #: opens MPO, the multi-picture JPEG of some cameras; PPM covers PGM).
@@ -53,7 +53,8 @@ _ORIENTATION = {
 _FLOAT_TOLERANCE = 1e-4  # float arrays may stray this far outside [0, 1] through rounding
 _BAND_PIXELS = 2**19  # pixels converted at a time: a few MiB of temporaries
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
-_RESAMPLE = {
+#: Interpolation names (torchvision's) -> Pillow resampling filters.
+RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -383,7 +384,7 @@ def resize_and_crop(image: Image.Image, resize: int, crop: int, interpolation: s
         >>> resize_and_crop(Image.new("RGB", (1, 50_000)), 256, 224).size
         (224, 224)
     """
-    resample = _RESAMPLE[interpolation] if isinstance(interpolation, str) else interpolation
+    resample = RESAMPLE[interpolation] if isinstance(interpolation, str) else interpolation
     w, h = image.size
     if w <= h:  # torchvision: the short side becomes `resize`, the long one is truncated
         new_w, new_h = resize, int(resize * h / w)

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+from sklearn.metrics import roc_auc_score
 
 __all__ = ["EIGHT_CONNECTED", "PixelMetrics", "auroc", "regions"]
 
@@ -42,17 +43,9 @@ def auroc(labels: Any, scores: Any) -> float:
     s = np.asarray(scores, dtype=np.float64).ravel()
     if len(y) != len(s):
         raise ValueError(f"{len(y)} labels for {len(s)} scores")
-    n1 = int(y.sum())
-    n0 = len(y) - n1
-    if n1 == 0 or n0 == 0:
+    if y.all() or not y.any():
         return float("nan")
-    order = np.argsort(s, kind="stable")
-    ss, yy = s[order], y[order]
-    starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
-    ends = np.r_[starts[1:], len(ss)]
-    mean_rank = (starts + 1 + ends) / 2.0  # 1-based mean rank of each group of ties
-    positives = np.add.reduceat(yy.astype(np.int64), starts)
-    return float(((positives * mean_rank).sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
+    return float(roc_auc_score(y, s))
 
 
 def regions(mask: np.ndarray) -> tuple[np.ndarray, int]:

@@ -38,7 +38,6 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
@@ -46,7 +45,7 @@ from tqdm.auto import tqdm
 
 from ..backbones import Backbone, load_backbone, stage_modules
 from ..features import backbone_names, default_num_workers, load_batches, normalize, tune_malloc
-from ..images import BadImageError, ImageSource, as_source
+from ..images import RESAMPLE, BadImageError, ImageSource, as_source
 from ..runtime import bf16_parts, get_runner
 
 __all__ = ["DEFAULT_STAGES", "PatchBatch", "PatchNet", "SquashDataset", "load_patch_nets", "patch_batches"]
@@ -239,7 +238,7 @@ class SquashDataset(Dataset):
                  indices: Sequence[int] | None = None):
         self.source = source
         self.size = size
-        self.resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[interpolation]
+        self.resample = RESAMPLE[interpolation]
         self.indices = np.arange(len(source)) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
 
     def __len__(self) -> int:
