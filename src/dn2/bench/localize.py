@@ -38,7 +38,7 @@ from ..detector import DN2
 from ..images import printable
 from ..maps.metrics import PixelMetrics, auroc
 from ..review.overlay import overlay
-from ..settings import IMAGE_SCORES
+from ..settings import IMAGE_SCORES, PRESETS
 from .report import Table
 
 __all__ = ["LocalizeResult", "check_masks", "limit_masked", "localize", "peak_memory"]
@@ -141,7 +141,11 @@ def _figure(ds: MaskedDataset, picks: list[tuple[str, int, float]], heats: dict[
 
 def localize_one(ds: MaskedDataset, method: str, backbone: str | None, *, preset: str = "best",
                  echo: Callable[[str], None] = print, **model_options: Any) -> LocalizeResult:
-    """Fit and score one model with maps (``model_options`` go to :class:`dn2.DN2`) and evaluate it."""
+    """Fit and score one model with maps (``model_options`` go to :class:`dn2.DN2`) and evaluate it.
+
+    A weights file is one backbone's: the image level then uses the map backbone too."""
+    if model_options.get("weights") not in (None, "random"):
+        model_options.setdefault("backbone", backbone or PRESETS[preset].map_backbone)
     model = DN2(preset=preset, maps=method, map_backbone=backbone, **model_options)
     model.check_params()
     peak_memory(reset=True)
