@@ -125,35 +125,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     out = check_output_path(args.output, force=args.force, what="model file")
     stages = _int_list(args.stages, "--stages")
     map_stages = _int_list(args.map_stages, "--map-stages")
-    model = DN2(
-        preset=args.preset,
-        backbone=args.backbone,
-        normalize=args.normalize,
-        flip=args.flip,
-        stages=stages,
-        weights=args.weights,
-        k=args.k,
-        clean=args.clean,
-        contamination=args.contamination,
-        fpr=args.fpr,
-        n_centres=args.n_centres,
-        index=args.index,
-        index_params=_index_params(args.index_param) or None,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        precision=args.precision,
-        runtime=args.runtime,
-        progress=not args.quiet,
-        skip_bad=args.skip_bad,
-        thumbnails=args.thumbnails,
-        maps=args.maps,
-        map_backbone=args.map_backbone,
-        map_size=args.map_size,
-        map_stages=map_stages,
-        map_coreset=args.map_coreset,
-        map_k=args.map_k,
-        image_score=args.image_score,
-    )
+    # Options named as DN2's parameters pass through; the others are converted here.
+    same = ("preset", "backbone", "normalize", "flip", "weights", "k", "clean", "contamination", "fpr", "n_centres",
+            "index", "precision", "runtime", "skip_bad", "thumbnails", "maps", "map_backbone", "map_size",
+            "map_coreset", "map_k", "image_score")
+    model = DN2(**{name: getattr(args, name) for name in same}, stages=stages, map_stages=map_stages,
+                index_params=_index_params(args.index_param) or None, batch_size=args.batch_size,
+                num_workers=args.workers, progress=not args.quiet)
     model.check_params()
     if args.ray is not None:
         return EXIT_SKIPPED if _ray_commands().fit(model, args, out) else EXIT_OK
