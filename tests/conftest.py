@@ -20,6 +20,13 @@ def _private_dn2_cache(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture
+def export_cache(tmp_path, monkeypatch):
+    """A fresh $DN2_CACHE: exports land in <tmp>/onnx, <tmp>/openvino, <tmp>/openvino-int8."""
+    monkeypatch.setenv("DN2_CACHE", str(tmp_path))
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def lite0():
     from dn2.backbones import load_backbone

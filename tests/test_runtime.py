@@ -29,13 +29,6 @@ AVX2_ONLY = CpuFeatures(avx2=True)
 BF16_CPU = CpuFeatures(avx2=True, avx512f=True, avx512_bf16=True)
 
 
-@pytest.fixture
-def export_cache(tmp_path, monkeypatch):
-    """A fresh $DN2_CACHE: exports land in <tmp>/onnx and <tmp>/openvino."""
-    monkeypatch.setenv("DN2_CACHE", str(tmp_path))
-    return tmp_path
-
-
 @pytest.fixture(scope="module")
 def images() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 255, (5, 40, 40, 3), dtype=np.uint8)

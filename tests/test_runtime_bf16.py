@@ -15,12 +15,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 needs_openvino = pytest.mark.skipif(not runtime.openvino_available(), reason="needs openvino")
 
 
-@pytest.fixture
-def export_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DN2_CACHE", str(tmp_path))
-    return tmp_path
-
-
 @pytest.fixture(scope="module")
 def images() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 255, (5, 40, 40, 3), dtype=np.uint8)

@@ -48,9 +48,23 @@ from .search import INDEX_KINDS, kmeans, knn_score, make_index, restore_index
 from .settings import MAP_SETTINGS, PRECISION_CHOICES, PRESETS, Method, method_for
 from .thumbnails import MAX_SIZE as MAX_THUMBNAIL, MIN_SIZE as MIN_THUMBNAIL, Thumbnails, thumbnails_of
 
-__all__ = ["DN2", "KNNDetector", "Neighbours", "clean_training_set", "load"]
+__all__ = ["DN2", "KNNDetector", "Neighbours", "clean_training_set", "load", "training_threshold"]
 
 Neighbours = list[list[tuple[str, float]]]
+
+
+def training_threshold(train_scores: np.ndarray, kept: np.ndarray, *, fpr: float,
+                       contamination: float | None) -> float:
+    """The threshold set without labelled anomalies: the ``1 - fpr`` quantile of the kept training items'
+    leave-one-out scores, or with ``contamination`` the ``1 - contamination`` quantile of all of them.
+
+    Example:
+        >>> training_threshold(np.arange(100.0), np.arange(100), fpr=0.05, contamination=None)
+        94.05
+    """
+    if contamination is None:
+        return float(np.quantile(np.asarray(train_scores)[kept], 1.0 - fpr))
+    return float(np.quantile(train_scores, 1.0 - contamination))
 
 
 def clean_training_set(loo_scores: np.ndarray, fraction: float, k: int) -> np.ndarray:
@@ -207,9 +221,8 @@ class KNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
         return self
 
     def _set_threshold(self) -> None:
-        rate = self.fpr if self.contamination is None else self.contamination
-        reference = self.train_scores_[self.kept_] if self.contamination is None else self.train_scores_
-        self.threshold_ = float(np.quantile(reference, 1.0 - rate))
+        self.threshold_ = training_threshold(self.train_scores_, self.kept_, fpr=self.fpr,
+                                             contamination=self.contamination)
         self.offset_ = -self.threshold_
 
     def _set_memory(self, memory: np.ndarray, names: list[str], index_state: dict[str, np.ndarray] | None = None) -> None:

@@ -50,7 +50,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import validate_data
 
 from ..base import ThresholdedScores
-from ..detector import KNNDetector, clean_training_set, load
+from ..detector import KNNDetector, clean_training_set, load, training_threshold
 from ..images import printable
 from ..modelfile import write_model
 from ..normalize import EmbeddingTransform, make_transform
@@ -453,10 +453,8 @@ class ShardedKNNDetector(ThresholdedScores, OutlierMixin, BaseEstimator):
         return scores
 
     def _set_threshold(self) -> None:
-        # As KNNDetector: the 1 - fpr quantile of the kept items' scores, or 1 - contamination of all.
-        rate = self.fpr if self.contamination is None else self.contamination
-        reference = self.train_scores_[self.kept_] if self.contamination is None else self.train_scores_
-        self.threshold_ = float(np.quantile(reference, 1.0 - rate))
+        self.threshold_ = training_threshold(self.train_scores_, self.kept_, fpr=self.fpr,
+                                             contamination=self.contamination)  # exactly KNNDetector's rule
         self.offset_ = -self.threshold_
 
     # -- scoring ---------------------------------------------------------------------------------------
