@@ -339,3 +339,14 @@ def test_an_int8_ensemble_keeps_one_network_per_backbone_and_refuses_them_swappe
 
     with pytest.raises(ModelFileError, match="does not fit backbone efficientnet_lite0"):
         dn2.load(_rewritten(path, tmp_path, swap))
+
+
+def test_an_int8_model_scores_where_the_cache_cannot_be_written(int8_model_file, image_folders, monkeypatch):
+    before = dn2.load(int8_model_file, progress=False).anomaly_score(image_folders["test"])
+    runtime.clear_runner_cache()
+
+    def read_only(network, cache_dir=None):
+        raise PermissionError(13, "Permission denied", "/read-only/openvino-int8")
+
+    monkeypatch.setattr(int8, "install", read_only)
+    np.testing.assert_array_equal(dn2.load(int8_model_file, progress=False).anomaly_score(image_folders["test"]), before)

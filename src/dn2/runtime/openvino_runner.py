@@ -167,18 +167,21 @@ class OpenVinoRunner(Runner):
     uint8_input = True
     requirement = "the openvino package (pip install openvino)"
 
-    def __init__(self, pieces: list[tuple[Path, str]], mean: tuple[float, ...], std: tuple[float, ...],
+    def __init__(self, pieces: list[tuple[Path | None, str]], mean: tuple[float, ...], std: tuple[float, ...],
                  precision: str = "fp32", num_threads: int | None = None, network: QuantizedNetwork | None = None):
         import openvino as ov
 
         core = ov.Core()
         self.precision = precision
         self.network = network
-        self.paths = [Path(path) for path, _ in pieces]
+        self.paths = [None if path is None else Path(path) for path, _ in pieces]
         self.piece_precisions = [p for _, p in pieces]
         self.requests = []
         for i, (path, piece_precision) in enumerate(pieces):
-            model = core.read_model(str(path))
+            if path is None:  # the int8 network, read from memory (its bytes were verified on load)
+                model = core.read_model(model=network.xml, weights=network.weights)
+            else:
+                model = core.read_model(str(path))
             if i == 0 and piece_precision != "int8":  # a quantised network was made with the uint8 input in it
                 model = with_uint8_input(model, mean, std)
             config = {
@@ -207,7 +210,11 @@ class OpenVinoRunner(Runner):
                 if calibration is None:
                     raise ValueError("an int8 runner needs calibration images or a quantised network")
                 network = quantize_int8(backbone, calibration, cache_dir)
-            return cls([(int8.install(network), "int8")], pre.mean, pre.std, precision, network=network)
+            try:
+                xml_path: Path | None = int8.install(network)
+            except OSError:  # a read-only cache (a container, a shared home): compile it from memory
+                xml_path = None
+            return cls([(xml_path, "int8")], pre.mean, pre.std, precision, network=network)
         pieces = openvino_pieces(backbone, precision)
         paths = [openvino_cache_path(backbone, cache_dir, part, piece=_layer_shapes(module) if part else None)
                  for part, module, _ in pieces]
