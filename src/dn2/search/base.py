@@ -26,7 +26,7 @@ import numpy as np
 from ..params import Constraint, InstanceOf, Interval, Options, validate
 from .kernels import check_k
 
-__all__ = ["Index", "Param", "ParameterError", "check_params", "leave_one_out"]
+__all__ = ["Index", "Param", "ParameterError", "RebuiltByFitting", "check_params", "leave_one_out"]
 
 
 @runtime_checkable
@@ -70,6 +70,21 @@ class Index(Protocol):
     def restore(self, X: np.ndarray, state: Mapping[str, np.ndarray]) -> Index:
         """Rebuild the fitted index from the data it was fitted on and its :meth:`state`; returns self."""
         ...
+
+
+class RebuiltByFitting:
+    """``state``/``restore`` of an index kind with no state beyond the data ("exact", the FAISS kinds):
+    restoring fits again. Mixed into those classes."""
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Nothing beyond the data."""
+        return {}
+
+    def restore(self, X: np.ndarray, state: Mapping[str, np.ndarray]) -> Any:
+        """Rebuild from the data by fitting again (``state`` must be empty)."""
+        if state:
+            raise ValueError(f"a {self.kind!r} index has no state, got arrays {sorted(state)}")  # type: ignore[attr-defined]
+        return self.fit(X)  # type: ignore[attr-defined]
 
 
 class ParameterError(ValueError, TypeError):

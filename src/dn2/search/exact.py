@@ -29,13 +29,13 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..config import working_memory_bytes
-from .base import Param, check_params
+from .base import Param, RebuiltByFitting, check_params
 from .kernels import (
     FP32_UNIT_ROUNDOFF,
     SCREENING_PRECISIONS,
@@ -293,7 +293,7 @@ def knn(
     return dist_out, idx_out
 
 
-class ExactIndex:
+class ExactIndex(RebuiltByFitting):
     """Exact search via :func:`knn` (query chunk size, screening precision); keeps a reference to the fitted array.
 
     Example:
@@ -347,15 +347,6 @@ class ExactIndex:
         """Leave-one-out: the exact k nearest other rows of each indexed row."""
         return knn(self._fitted(), None, k, exclude_self=True, chunk_size=self.chunk_size, precision=self.precision)
 
-    def state(self) -> dict[str, np.ndarray]:
-        """Nothing beyond the data: an exact index is rebuilt by fitting."""
-        return {}
-
-    def restore(self, X: np.ndarray, state: Mapping[str, np.ndarray]) -> ExactIndex:
-        """Rebuild from the data (`state` must be empty)."""
-        if state:
-            raise ValueError(f"an exact index has no state, got arrays {sorted(state)}")
-        return self.fit(X)
 
 
 @torch.inference_mode()

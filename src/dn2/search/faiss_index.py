@@ -13,11 +13,11 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
-from .base import Param, ParameterError, check_params, leave_one_out
+from .base import Param, ParameterError, RebuiltByFitting, check_params, leave_one_out
 from .kernels import as_matrix, check_k, training_rows
 
 try:
@@ -32,7 +32,7 @@ _NPROBE = Param(int, low=1, doc="lists visited per query (default 16)")
 _TRAIN_ROWS = Param(int, low=1, allow_none=True, doc="rows the quantizer trains on (default max(64 nlist, 20000))")
 
 
-class FaissIndex:
+class FaissIndex(RebuiltByFitting):  # never read from a FAISS file: a hostile file could exploit the reader
     """A FAISS index of one kind ("flat", "ivf_faiss", "ivfpq", "hnsw"); parameters are checked, defaults scale with N.
 
     "ivf_faiss" is FAISS' IndexIVFFlat, kept for comparison: dn2's own "ivf" (:class:`dn2.search.IvfIndex`)
@@ -145,12 +145,3 @@ class FaissIndex:
             raise RuntimeError("index is not fitted: call fit(X) first")
         return leave_one_out(self, self._X, k)
 
-    def state(self) -> dict[str, np.ndarray]:
-        """Nothing: a FAISS index is rebuilt from the data, never read from a file."""
-        return {}
-
-    def restore(self, X: np.ndarray, state: Mapping[str, np.ndarray]) -> FaissIndex:
-        """Rebuild from the data by fitting again (`state` must be empty)."""
-        if state:
-            raise ValueError(f"a FAISS index has no state, got arrays {sorted(state)}")
-        return self.fit(X)
