@@ -133,3 +133,11 @@ def test_an_unreadable_image_among_readable_ones_keeps_its_row_and_gets_no_map(m
     assert rows[0]["map_score"] == rows[2]["map_score"] != "" and rows[1]["map_score"] == ""
     assert sorted(p.name for p in out.iterdir()) == ["a.png.map.npy", "a.png.overlay.png", "c.png.map.npy",
                                                      "c.png.overlay.png"]
+
+
+def test_a_report_of_a_model_with_maps_shows_a_heat_map_per_image(model_file, folders, tmp_path, capsys):
+    report = tmp_path / "review"
+    assert main(["score", str(model_file), str(folders / "new"), "--report", str(report), "--runtime", "torch",
+                 "--quiet"]) == 0
+    page = (report / "index.html").read_text()
+    assert page.count("data:image/png;base64,") >= 2  # a heat map of each of the two images

@@ -226,10 +226,11 @@ def cmd_score(args: argparse.Namespace) -> int:
         for row_number, (position, name, score) in enumerate(zip(emb.positions, emb.names, scores)):
             rows[position] = _score_row(name, score, neighbours[row_number] if neighbours is not None else None,
                                         threshold)
-        if model.maps_ is not None and (map_dir is not None or model.method_.image_score != "dn2"):
-            n_maps = _score_maps(model, source, emb, rows, skipped, map_paths, force=args.force)
+        located = None  # the maps' results by input position, made once for the rows, the files and the report
+        if model.maps_ is not None and (map_dir is not None or args.report or model.method_.image_score != "dn2"):
+            located = _score_maps(model, source, emb, rows, skipped, map_paths, force=args.force)
             if map_dir is not None:
-                print(f"wrote {n_maps} map overlays and raw maps to {map_dir}")
+                print(f"wrote {len(located)} map overlays and raw maps to {map_dir}")
     width = max([len(r["image"]) for r in rows] + [5])
     print(f"{'image':<{width}}  anomaly_score  verdict  (threshold {threshold:.4f})")
     for r in rows:
@@ -247,7 +248,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         _write_csv(csv_path, rows, args.force)
         print(f"wrote {csv_path}")
     if args.report:
-        records = report_records(model, source, emb, args.explain or REPORT_EXPLAIN)
+        records = report_records(model, source, emb, args.explain or REPORT_EXPLAIN, located=located)
         details = [f"model {args.model}: {model.method_.backbone}, k={det.k}, threshold {model.threshold_:.4f}, "
                    f"{len(det.memory_)} normal images in memory" + ("" if model.thumbnails_ else " (no thumbnails)")]
         path = write_report(args.report, records, title=Path(args.model).name, details=details, force=args.force)
@@ -256,18 +257,19 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def _score_maps(model: Any, source: Any, emb: Any, rows: list[dict[str, str]], skipped: list[str],
-                paths: list[tuple[Path, Path]] | None, *, force: bool) -> int:
+                paths: list[tuple[Path, Path]] | None, *, force: bool) -> dict[int, Any]:
     """Make each scored image's anomaly map: its row gets the map's figures (and, with an image score other
     than "dn2", that score and verdict); with ``paths`` the overlay and raw map are written. Returns the
-    number of maps made. An image read for its embedding but not for its map (``--skip-bad``) is skipped."""
+    :class:`dn2.maps.Localization` of each mapped image by input position. An image read for its
+    embedding but not for its map (``--skip-bad``) is skipped."""
     from .maps.render import save_map
 
     threshold, pixel_threshold = model.threshold_, model.pixel_threshold_
     own_score = model.method_.image_score != "dn2"
-    before, mapped = len(skipped), set()
+    before, mapped = len(skipped), {}
     for loc in model.localize(source, skipped, embeddings=emb):
         heat = loc.map()
-        mapped.add(loc.index)
+        mapped[loc.index] = loc
         row = rows[loc.index]
         if own_score:
             row.update(anomaly_score=f"{loc.image_score:.6f}",
@@ -285,7 +287,7 @@ def _score_maps(model: Any, source: Any, emb: Any, rows: list[dict[str, str]], s
             rows[int(position)] = _skipped_row(name, reason)
         else:  # the image-level verdict stands; the row says why its map is missing
             rows[int(position)]["reason"] = reason
-    return len(mapped)
+    return mapped
 
 
 def _load_for_scoring(args: argparse.Namespace) -> tuple[Any, Any]:

@@ -105,12 +105,14 @@ def write_report(folder: str | os.PathLike, records: Sequence[dict[str, Any]], *
     return path
 
 
-def report_records(model: Any, source: ImageSource, embeddings: Embeddings, explain: int) -> list[dict[str, Any]]:
+def report_records(model: Any, source: ImageSource, embeddings: Embeddings, explain: int,
+                   located: dict[int, Any] | None = None) -> list[dict[str, Any]]:
     """Verdict records of every input of ``source`` (``embeddings`` of it), with everything inline.
 
     Each scored image's record carries ``image`` (the image, long side 256 px), its nearest normals
     with the model's thumbnails (when it has them) and its heat map (when it makes maps), all as
     data URLs; a skipped input's record says why. The images are read again, one at a time.
+    ``located``: the maps' :class:`dn2.maps.Localization` by input position, if already made (else made here).
     """
     detector = model.detector
     thumbs = getattr(model, "thumbnails_", None)
@@ -121,7 +123,8 @@ def report_records(model: Any, source: ImageSource, embeddings: Embeddings, expl
     verdicts = judge(detector, embeddings.vectors, explain)
     # The maps' grids of every image (small: the map is made at full size one image at a time, below),
     # from the same embeddings as the scores, so the report and the CSV agree.
-    located = {r.index: r for r in model.localize(source, embeddings=embeddings)} if maps_enabled(model) else {}
+    if located is None:  # ``located``: the maps' results by input position, when the caller has made them
+        located = {r.index: r for r in model.localize(source, embeddings=embeddings)} if maps_enabled(model) else {}
     own_score = maps_enabled(model) and model.method_.image_score != "dn2"
     if own_score:
         verdicts = replace(verdicts, threshold=float(model.threshold_))
