@@ -83,10 +83,10 @@ PRECISION_TABLE: dict[str, Precision] = {
 # What "auto" picks, first native one wins (fp32 is native everywhere). bf16 is listed: its accuracy
 # cost was measured negligible after the transforms that declare ``bf16_safe`` (dn2.normalize); dn2.settings.Method
 # narrows "auto" to fp32 for the others before it gets here. int8 is not listed, on purpose (BENCHMARKS.md,
-# "int8"): for EfficientNet-Lite (both presets) it was measured 1.1-1.7x fp32, little or nothing over the bf16
-# guard, and its per-fit calibration costs more than the fit of 1,000 images; for ResNet-class networks it is
-# 2.7x on VNNI CPUs, but their int8 accuracy could not be measured (no offline ImageNet weights), and "auto" must
-# not choose what was not measured both faster and within the accuracy budget. Ask for it: precision="int8".
+# "int8"): for EfficientNet-Lite (both presets) it gains little over fp32 and nothing over the bf16 guard, and
+# its per-fit calibration is a large part of a small fit; ResNet-class networks gain more, but their int8
+# accuracy could not be measured (no offline ImageNet weights), and "auto" must not choose what was not
+# measured both faster and within the accuracy budget. Ask for it: precision="int8".
 AUTO_PRECISION_ORDER: tuple[str, ...] = ("bf16", "fp32")
 
 

@@ -88,9 +88,9 @@ RECIPE: dict[str, Any] = {
 }
 
 # Calibration sample: CALIBRATION_FRACTION of the fit images, at least CALIBRATION_MIN (or all of them) and at
-# most CALIBRATION_MAX. 100 images gave the same embedding error as 300 (BENCHMARKS.md), and the calibration
-# time grows with the sample while the fit's gain from int8 grows with the fit: a fixed 300 costs more than the
-# whole fit of 1,000 images.
+# most CALIBRATION_MAX. 100 images gave the same embedding error as 300 (docs/research/int8.md), and the
+# calibration time grows with the sample while the fit's gain from int8 grows with the fit, so a fixed 300
+# would weigh most on small fits (BENCHMARKS.md, "int8").
 CALIBRATION_MIN, CALIBRATION_MAX, CALIBRATION_FRACTION = 100, 300, 0.1
 CALIBRATION_BATCH = RECIPE["batch"]
 
